@@ -1,0 +1,1 @@
+"""Triton kernels of semfid (installed as ``semfid.kernels``); imports only torch and triton."""

@@ -1,0 +1,19 @@
+"""semfid: fused cross-attention that returns selected attention maps and the subject-wise
+attention loss (SeFi-IDE) at fused-kernel cost, with diffusers processors for SD1.5 / SDXL.
+
+``import semfid`` never fails because a kernel package is missing: missing Triton or a missing
+CUDA extension show up as reasons in ``python -m semfid.info``.
+"""
+
+__version__ = "0.1.0"
+
+from .backends import available_backends
+from .ops import attention_maps, cross_attention, subject_attention
+
+__all__ = [
+    "__version__",
+    "cross_attention",
+    "subject_attention",
+    "attention_maps",
+    "available_backends",
+]

@@ -1,0 +1,103 @@
+"""Float64 reference of semfid's ops and the flash-attention tolerance rule, for the tests.
+
+Written independently of the package under test (explicit softmax, autograd through it).
+``attention_ref(..., upcast=False)`` runs the same math at the input dtype: the error of "plain
+PyTorch at that dtype", against which a backend's error is judged (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _bias4(bias: Optional[Tensor]) -> Optional[Tensor]:
+    if bias is None:
+        return None
+    if bias.dim() == 2:  # [B, M]
+        return bias[:, None, None, :]
+    if bias.dim() == 3:  # [B, 1, M]
+        return bias[:, :, None, :]
+    return bias
+
+
+def probabilities(q: Tensor, k: Tensor, scale: Optional[float], bias: Optional[Tensor],
+                  upcast: bool = True) -> Tensor:
+    """softmax(q kᵀ · scale + bias) [B, H, N, M]; rows whose keys are all -inf give 0."""
+    dtype = torch.float64 if upcast else q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    b = _bias4(bias)
+    if b is not None:
+        logits = logits + b.to(dtype)
+    all_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    logits = logits.masked_fill(all_masked, 0.0)
+    return torch.softmax(logits, dim=-1).masked_fill(all_masked, 0.0)
+
+
+def gather_maps(p: Tensor, select: Union[Tensor, Sequence[int]], head_reduce: str) -> Tensor:
+    """P[..., select] -> [B, H, N, S] or head mean [B, N, S]."""
+    sel = torch.as_tensor(select, dtype=torch.long, device=p.device)
+    B, H, N, _ = p.shape
+    if sel.dim() == 1:
+        sel = sel.expand(B, -1)
+    maps = torch.gather(p, -1, sel[:, None, None, :].expand(B, H, N, sel.shape[-1]))
+    return maps.mean(dim=1) if head_reduce == "mean" else maps
+
+
+def attention_ref(q, k, v, *, scale=None, attn_bias=None, select=None, head_reduce="mean",
+                  upcast=True) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    p = probabilities(q, k, scale, attn_bias, upcast)
+    out = torch.matmul(p, v.to(p.dtype))
+    if select is None:
+        return out
+    return out, gather_maps(p, select, head_reduce)
+
+
+def subject_ref(q, k, v, k_ref, *, tokens, ref_tokens=None, scale=None, attn_bias=None,
+                ref_attn_bias=None, head_reduce="mean", detach_reference=True,
+                upcast=True) -> Tuple[Tensor, Tensor]:
+    out, a_t = attention_ref(q, k, v, scale=scale, attn_bias=attn_bias, select=tokens,
+                             head_reduce=head_reduce, upcast=upcast)
+    p_ref = probabilities(q, k_ref, scale, ref_attn_bias, upcast)
+    a_r = gather_maps(p_ref, tokens if ref_tokens is None else ref_tokens, head_reduce)
+    if detach_reference:
+        a_r = a_r.detach()
+    loss = (a_t - a_r).square().flatten(1).mean(dim=1)
+    return out, loss
+
+
+def max_error(x: Tensor, ref: Tensor) -> float:
+    """max |x − ref| in float64, treating matching non-finite entries as equal."""
+    x64, r64 = x.detach().to(torch.float64), ref.detach().to(torch.float64)
+    same = (x64 == r64) | (torch.isnan(x64) & torch.isnan(r64))
+    diff = (x64 - r64).abs().masked_fill(same, 0.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close_rule(name: str, got: Tensor, ref64: Tensor, plain: Tensor, *, factor: float = 2.0,
+                      atol: float = 0.0) -> None:
+    """Flash-attention's rule: err(got) ≤ factor · err(plain PyTorch at the same dtype) + atol.
+
+    ``atol`` absorbs the case where plain PyTorch is exact to the last bit (fp32 on tiny inputs):
+    pass a few ulps of the dtype there.
+    """
+    if got.shape != ref64.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}")
+    err, base = max_error(got, ref64), max_error(plain, ref64)
+    if not (err <= factor * base + atol):
+        diff = (got.detach().to(torch.float64) - ref64.detach()).abs()
+        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(
+            f"{name}: max error {err:.3e} > {factor} x plain-PyTorch error {base:.3e} + {atol:.1e}; "
+            f"worst at index {idx}: got {float(got.detach().to(torch.float64)[idx]):.6g}, "
+            f"reference {float(ref64[idx]):.6g}"
+        )
+
+
+def ulp_atol(dtype: torch.dtype, magnitude: float = 1.0) -> float:
+    """A few units in the last place of ``dtype`` at ``magnitude``."""
+    return 4 * torch.finfo(dtype).eps * magnitude
