@@ -60,7 +60,12 @@ class TorchBackend(BackendBase):
     SUPPORTED_DEVICES = frozenset({"cpu", "cuda"})
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     PRIORITY = 100
+    # The portable fallback: auto may always take it, even where faster backends are unvalidated.
     AUTO_DEVICES = frozenset({"cpu", "cuda"})
+
+    @classmethod
+    def status(cls) -> str:
+        return "tested on CPU; the same code runs on CUDA tensors"
 
     @staticmethod
     def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:

@@ -1,0 +1,142 @@
+"""Block-size helpers and autotuning policy shared by the forward and backward kernels.
+
+Imports only torch and triton (this folder is installed as ``semfid.kernels``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, List
+
+import torch
+import triton
+
+#: Largest number of keys one program holds (all keys of a head sit in one block).
+MAX_KEYS = 256
+#: Largest head dim (q/k) and value dim the kernels take.
+MAX_HEAD_DIM = 256
+#: Query rows handled by one backward program are a multiple of this (= the largest BLOCK_M), so the
+#: number of dk/dv partials never depends on the autotuned BLOCK_M.
+BWD_ROW_GRANULE = 128
+
+_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def signature_dtype(dtype: torch.dtype) -> str:
+    """Triton signature name of a tensor element type ("fp16", "bf16", "fp32")."""
+    return _TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (tf32 would lose ~3 digits
+    against PyTorch's fp32 matmul); fp16/bf16 use the tensor cores' native precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def key_block(num_keys: int) -> int:
+    """BLOCK_N: every key of a head in one block, at least 16 (``tl.dot`` minimum)."""
+    return max(16, triton.next_power_of_2(num_keys))
+
+
+def head_dim_block(head_dim: int) -> int:
+    """BLOCK_D: the head dim is processed in chunks of this power of two (16..128).
+
+    Picks the chunk that pads least, then the fewest chunks: 40 -> 3 x 16 (48), 64 -> 1 x 64,
+    80 -> 5 x 16 (80), 160 -> 5 x 32 (160, not 256), 256 -> 2 x 128, 8 -> 1 x 16.
+    Chunks of >= 16 keep every ``tl.dot`` at its minimum K/N of 16.
+    """
+    best, best_cost = 16, None
+    for block in (16, 32, 64, 128):
+        cost = triton.cdiv(head_dim, block) * block
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = block, cost
+    return best
+
+
+def select_block(num_selected: int) -> int:
+    """BLOCK_S: the selected map columns of one row held in registers (no ``tl.dot`` on them)."""
+    return triton.next_power_of_2(max(1, num_selected))
+
+
+def query_bucket(num_queries: int) -> int:
+    """Autotune key for the query count: next power of two, capped at 4096 (SD's largest layer)."""
+    return min(4096, triton.next_power_of_2(max(1, num_queries)))
+
+
+# ---- autotuning ---------------------------------------------------------------------------------
+# Cross-attention over <= 256 keys is memory-bound: a program's tile is BLOCK_M queries x all keys.
+# BLOCK_M in {32, 64, 128}, 4 or 8 warps; num_stages only pipelines the short head-dim chunk loop.
+# Meant for A100 (sm_80) and H100/H200 (sm_90); the prune below drops tiles that would spill.
+_CONFIG_SPACE = [
+    (block_m, warps, stages)
+    for block_m in (32, 64, 128)
+    for warps in (4, 8)
+    for stages in (1, 2)
+]
+
+
+def keep(block_m: int, warps: int, stages: int) -> bool:
+    """Static filter of the config space: 8 warps only pay off on 64+ row tiles."""
+    return not (block_m == 32 and warps == 8)
+
+
+def autotune_configs() -> List[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+        for (m, w, s) in _CONFIG_SPACE
+        if keep(m, w, s)
+    ]
+
+
+def fits(block_m: int, warps: int, block_n: int, n_bucket: int) -> bool:
+    """Can this tile run the shape well: no wider than the queries, and the fp32 probability tile
+    [BLOCK_M, BLOCK_N] costs at most 64 registers per thread (more spills with head dims >= 128)."""
+    if block_m > max(32, n_bucket):
+        return False
+    return block_m * block_n // (32 * warps) <= 64
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of both kernels: keep the configs :func:`fits` accepts."""
+    args: Dict = {**named_args, **kwargs}
+    block_n, n_bucket = args["BLOCK_N"], args["N_BUCKET"]
+    kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket)]
+    # The 32-row, 4-warp tile always fits; never return an empty list.
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 32][:1]
+
+
+def candidate_configs(block_n: int, n_bucket: int) -> List[triton.Config]:
+    """The configs the autotuner may pick for a shape (used by the compile check)."""
+    return prune_configs(autotune_configs(), {"BLOCK_N": block_n, "N_BUCKET": n_bucket})
+
+
+#: Fixed tile used under the interpreter (no autotuning there: it would time numpy).
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def backward_splits(num_queries: int, batch_heads: int, device: torch.device):
+    """(splits, rows_per_split) for the backward grid (splits, B*H).
+
+    Each program walks ``rows_per_split`` queries (a multiple of :data:`BWD_ROW_GRANULE`) of one
+    head and accumulates its dk/dv partial; about 4 programs per SM keep the GPU busy while the
+    partials (splits x B x H x M x D fp32) stay a small fraction of q's bytes.
+    """
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 2 * batch_heads  # interpreter: exercise several splits and several row blocks
+    per_head = max(1, target // max(1, batch_heads))
+    rows = triton.cdiv(num_queries, per_head)
+    rows = triton.cdiv(rows, BWD_ROW_GRANULE) * BWD_ROW_GRANULE
+    return triton.cdiv(num_queries, rows), rows
