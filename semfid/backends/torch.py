@@ -7,15 +7,17 @@ float64 inputs), so half-precision inputs get fp32 softmax and accumulation.
 
 Backward per chunk (P recomputed, G = map gradient scattered onto the selected columns)::
 
-    dP    = dO · Vᵀ + scatter(G)
-    delta = rowsum(dO ⊙ O) + rowsum(P[..., sel] ⊙ G)        (= rowsum(P ⊙ dP))
-    dS    = P ⊙ (dP − delta)
-    dQ    = dS · K · scale,   dK += dSᵀ · Q · scale,   dV += Pᵀ · dO
+    dP = dO · Vᵀ + scatter(G)
+    dS = P ⊙ (dP − rowsum(P ⊙ dP))                       (softmax backward, one fused op)
+    dQ = dS · K · scale,   dK += dSᵀ · Q · scale,   dV += Pᵀ · dO
+
+``out`` is not needed: rowsum(P ⊙ dP) is taken on the recomputed chunk instead of as
+rowsum(dO ⊙ O) + rowsum(P_sel ⊙ G), which costs the same and matches eager autograd's rounding.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -44,12 +46,31 @@ def _map_index(select: torch.Tensor, H: int, rows: int) -> torch.Tensor:
     return select[:, None, None, :].expand(B, H, rows, S)
 
 
-def _logits(qc: torch.Tensor, k_scaled_t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, H, c, M] logits q·kᵀ·scale + bias in the accumulation dtype."""
-    s = torch.matmul(qc, k_scaled_t)
-    if bias is not None:
-        s += bias[:, :, None, :]
-    return s
+class _Operands:
+    """The per-call tensors both passes share, in the accumulation dtype.
+
+    ``k_t_scaled`` is kᵀ·scale [B, H, D, M] (scale folded in once), ``k_scaled`` its transpose for
+    dQ = dS·K·scale; ``dead_rows`` [B, H, 1, 1] marks (batch, head) pairs whose keys are all -inf
+    (None when there are none): softmax would give NaN there, the contract says P = 0.
+    """
+
+    def __init__(self, k, v, bias, scale):
+        self.acc = accumulation_dtype(k.dtype)
+        self.k_scaled = k.to(self.acc) * scale
+        self.k_t_scaled = self.k_scaled.transpose(-1, -2)
+        self.v = None if v is None else v.to(self.acc)
+        self.bias = None if bias is None else bias[:, :, None, :]
+        self.dead_rows = None
+        if bias is not None:
+            dead = torch.isneginf(bias).all(dim=-1)[:, :, None, None]
+            # One host sync on CUDA; skipped entirely while tracing (the where below is then kept).
+            if torch.compiler.is_compiling() or bias.device.type != "cpu" or bool(dead.any()):
+                self.dead_rows = dead
+
+    def logits(self, qc: torch.Tensor) -> torch.Tensor:
+        """[B, H, c, M] logits q·kᵀ·scale + bias."""
+        s = torch.matmul(qc.to(self.acc), self.k_t_scaled)
+        return s.add_(self.bias) if self.bias is not None else s
 
 
 @register_backend
@@ -70,28 +91,20 @@ class TorchBackend(BackendBase):
     @staticmethod
     def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
         B, H, N, _ = q.shape
-        M = k.shape[2]
-        acc = accumulation_dtype(q.dtype)
-        k_scaled_t = (k.to(acc) * scale).transpose(-1, -2)
-        v_acc = None if v is None else v.to(acc)
-
+        ops = _Operands(k, v, bias, scale)
         out, lse, maps = empty_forward_outputs(q, k, v, select, mean_heads)
-
-        for rows in _chunks(N, _chunk_rows(B, H, M)):
-            s = _logits(q[:, :, rows].to(acc), k_scaled_t, bias)
-            row_max = s.amax(dim=-1, keepdim=True)
-            # A row with every key at -inf has max -inf: shift by 0 instead so exp gives 0, not NaN.
-            row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-            p = s.sub_(row_max).exp_()
-            row_sum = p.sum(dim=-1, keepdim=True)
-            # lse = +inf for fully masked rows (see base.py); NaN inputs keep NaN.
-            lse[:, :, rows] = torch.where(
-                row_sum == 0, torch.full_like(row_sum, float("inf")), row_max + row_sum.log()
-            ).squeeze(-1)
-            inv_sum = torch.where(row_sum > 0, row_sum.reciprocal(), torch.zeros_like(row_sum))
-            p.mul_(inv_sum)  # rows holding a NaN are NaN already and stay NaN
-            if v_acc is not None:
-                out[:, :, rows] = torch.matmul(p, v_acc)
+        for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
+            s = ops.logits(q[:, :, rows])
+            p = torch.softmax(s, dim=-1)
+            # lse = max logit − log(max probability): both maxima sit on the same key, and
+            # p_max ≥ 1/M, so the log is exact to float rounding (no separate logsumexp pass).
+            row_lse = s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
+            if ops.dead_rows is not None:
+                p = p.masked_fill_(ops.dead_rows, 0.0)
+                row_lse = row_lse.masked_fill_(ops.dead_rows[..., 0], float("inf"))
+            lse[:, :, rows] = row_lse
+            if ops.v is not None:
+                out[:, :, rows] = torch.matmul(p, ops.v)
             if select is not None:
                 picked = torch.gather(p, -1, _map_index(select, H, p.shape[2]))
                 maps[..., rows, :] = picked.mean(dim=1) if mean_heads else picked
@@ -100,38 +113,31 @@ class TorchBackend(BackendBase):
     @staticmethod
     def backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> BackwardResult:
         B, H, N, _ = q.shape
-        M = k.shape[2]
-        acc = accumulation_dtype(q.dtype)
-        k_acc = k.to(acc)
-        k_scaled_t = (k_acc * scale).transpose(-1, -2)
-        v_acc = None if v is None else v.to(acc)
+        ops = _Operands(k, v, bias, scale)
         has_dout = v is not None and dout is not None
         has_dmaps = select is not None and dmaps is not None
 
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device) if v is not None else None
+        dk = torch.zeros(k.shape, dtype=ops.acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=ops.acc, device=q.device) if v is not None else None
 
-        for rows in _chunks(N, _chunk_rows(B, H, M)):
-            qc = q[:, :, rows].to(acc)
-            lse_c = lse[:, :, rows, None]
-            p = _logits(qc, k_scaled_t, bias).sub_(lse_c).exp_()
+        for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
+            qc = q[:, :, rows].to(ops.acc)
+            # exp(logit − lse) recomputes P; lse = +inf makes fully masked rows 0.
+            p = ops.logits(qc).sub_(lse[:, :, rows, None]).exp_()
             if has_dout:
-                do_c = dout[:, :, rows].to(acc)
-                dp = torch.matmul(do_c, v_acc.transpose(-1, -2))
-                delta = (do_c * out[:, :, rows].to(acc)).sum(dim=-1, keepdim=True)
-                dv += torch.matmul(p.transpose(-1, -2), do_c)
+                do_c = dout[:, :, rows].to(ops.acc)
+                dp = torch.matmul(do_c, ops.v.transpose(-1, -2))
+                dv.add_(torch.matmul(p.transpose(-1, -2), do_c))
             else:
                 dp = torch.zeros_like(p)
-                delta = torch.zeros_like(lse_c)
             if has_dmaps:
-                g = dmaps[..., rows, :].to(acc)
+                g = dmaps[..., rows, :].to(ops.acc)
                 g = (g / H).unsqueeze(1).expand(B, H, -1, -1) if mean_heads else g
-                index = _map_index(select, H, p.shape[2])
-                dp.scatter_add_(-1, index, g)
-                delta = delta + (torch.gather(p, -1, index) * g).sum(dim=-1, keepdim=True)
-            ds = p.mul_(dp.sub_(delta))
-            dq[:, :, rows] = torch.matmul(ds, k_acc).mul_(scale)
-            dk += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
+                dp.scatter_add_(-1, _map_index(select, H, p.shape[2]), g)
+            # dS = P ⊙ (dP − rowsum(P ⊙ dP)), fused.
+            ds = torch._softmax_backward_data(dp, p, -1, ops.acc)
+            dq[:, :, rows] = torch.matmul(ds, ops.k_scaled)
+            dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
         dv_out = dv.to(v.dtype) if dv is not None else q.new_empty(0)
-        return dq, dk.to(k.dtype), dv_out
+        return dq, dk.mul_(scale).to(k.dtype), dv_out
