@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -101,6 +101,24 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, ma
         if len(samples) >= min_reps and time.perf_counter() - start >= budget_s:
             break
     return _summarize(samples)
+
+
+def time_cpu_interleaved(calls: Dict[str, Callable[[], object]], *, min_reps: int = 5,
+                         max_reps: int = 50, budget_s: float = 1.0) -> Dict[str, Timing]:
+    """:func:`time_cpu` for several functions at once, round-robin: every round times one call of
+    each, so a burst of load from other processes hits all of them alike and their ratios stay
+    meaningful on a shared machine. ``budget_s`` is per function; call each once before (warm-up).
+    """
+    samples: Dict[str, List[float]] = {name: [] for name in calls}
+    start = time.perf_counter()
+    for rep in range(max_reps):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if rep + 1 >= min_reps and time.perf_counter() - start >= budget_s * len(calls):
+            break
+    return {name: _summarize(s) for name, s in samples.items()}
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
@@ -251,6 +269,9 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": str(device),
+        # 1-minute load average when the run started: CPU timings taken while other processes load
+        # the machine are slower and noisier; the number says how busy it was.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -275,7 +296,8 @@ def environment(device: torch.device) -> dict:
 
 def format_environment(info: dict) -> str:
     lines = [f"date: {info['date_utc']}   host: {info['host']}"]
-    lines.append(f"cpu: {info['cpu']} ({info['cpu_count']} cores, torch threads {info['torch_threads']})")
+    lines.append(f"cpu: {info['cpu']} ({info['cpu_count']} cores, torch threads {info['torch_threads']}, "
+                 f"load average {info['load_avg_1m']} at start)")
     if "gpu" in info:
         lines.append(f"gpu: {info['gpu']} ({info['gpu_memory_gib']} GiB, sm {info['gpu_capability']})")
     lines.append(

@@ -35,7 +35,7 @@ struct ElementOps<__half> {
         __half2 h = __floats2half2_rn(lo, hi);
         return *reinterpret_cast<uint32_t*>(&h);
     }
-    __device__ __forceinline__ static __half2 pack2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+    __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
 };
 
 template <>
@@ -44,9 +44,7 @@ struct ElementOps<__nv_bfloat16> {
         __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
         return *reinterpret_cast<uint32_t*>(&h);
     }
-    __device__ __forceinline__ static __nv_bfloat162 pack2(float lo, float hi) {
-        return __floats2bfloat162_rn(lo, hi);
-    }
+    __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 // ---- mma.sync ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import torch
 import triton
+import triton.language as tl
 
 #: Largest number of keys one program holds (all keys of a head sit in one block).
 MAX_KEYS = 256
@@ -39,20 +40,40 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands are upcast to fp32: only for bf16 under the interpreter, whose
+    numpy matmul has no bf16 (it would multiply the raw bits). There P and dS are not rounded to
+    bf16 before the products, so the interpreter is a little more precise than a GPU."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32, with ``a`` rounded to ``b``'s dtype (the input dtype) as
+    tensor-core operand (flash-attention's choice for P and dS); ``acc`` may be None."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+
 def key_block(num_keys: int) -> int:
     """BLOCK_N: every key of a head in one block, at least 16 (``tl.dot`` minimum)."""
     return max(16, triton.next_power_of_2(num_keys))
 
 
-def head_dim_block(head_dim: int) -> int:
+def head_dim_block(head_dim: int, max_block: int = 128) -> int:
     """BLOCK_D: the head dim is processed in chunks of this power of two (16..128).
 
     Picks the chunk that pads least, then the fewest chunks: 40 -> 3 x 16 (48), 64 -> 1 x 64,
     80 -> 5 x 16 (80), 160 -> 5 x 32 (160, not 256), 256 -> 2 x 128, 8 -> 1 x 16.
-    Chunks of >= 16 keep every ``tl.dot`` at its minimum K/N of 16.
+    Chunks of >= 16 keep every ``tl.dot`` at its minimum K/N of 16. ``max_block`` caps the chunk
+    (the backward's dK/dV tiles are [BLOCK_N, BLOCK_D] fp32, so it uses at most 32).
     """
     best, best_cost = 16, None
     for block in (16, 32, 64, 128):
+        if block > max_block:
+            break
         cost = triton.cdiv(head_dim, block) * block
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
@@ -71,49 +92,64 @@ def query_bucket(num_queries: int) -> int:
 
 # ---- autotuning ---------------------------------------------------------------------------------
 # Cross-attention over <= 256 keys is memory-bound: a program's tile is BLOCK_M queries x all keys.
-# BLOCK_M in {32, 64, 128}, 4 or 8 warps; num_stages only pipelines the short head-dim chunk loop.
-# Meant for A100 (sm_80) and H100/H200 (sm_90); the prune below drops tiles that would spill.
-_CONFIG_SPACE = [
-    (block_m, warps, stages)
-    for block_m in (32, 64, 128)
-    for warps in (4, 8)
-    for stages in (1, 2)
-]
+# Meant for A100 (sm_80) and H100/H200 (sm_90). num_stages is 1: the head-dim chunk loops are
+# unrolled (static_range), so there is no long loop to software-pipeline, and one stage keeps
+# registers and shared memory for the [BLOCK_M, BLOCK_N] tiles.
+_CONFIG_SPACE = [(block_m, warps) for block_m in (32, 64, 128) for warps in (4, 8)]
 
 
-def keep(block_m: int, warps: int, stages: int) -> bool:
+def keep(block_m: int, warps: int) -> bool:
     """Static filter of the config space: 8 warps only pay off on 64+ row tiles."""
     return not (block_m == 32 and warps == 8)
 
 
 def autotune_configs() -> List[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-        for (m, w, s) in _CONFIG_SPACE
-        if keep(m, w, s)
+        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1)
+        for (m, w) in _CONFIG_SPACE
+        if keep(m, w)
     ]
 
 
-def fits(block_m: int, warps: int, block_n: int, n_bucket: int) -> bool:
-    """Can this tile run the shape well: no wider than the queries, and the fp32 probability tile
-    [BLOCK_M, BLOCK_N] costs at most 64 registers per thread (more spills with head dims >= 128)."""
+#: fp32 registers per thread one [BLOCK_M, BLOCK_N] tile may take. The forward holds one such tile
+#: (P); the backward holds three (P, dP/dS, scatter(G)), so it gets half the budget per tile
+#: (measured with the compile check: 64 per tile spills in the backward at head dim 160).
+FWD_TILE_REGS = 64
+BWD_TILE_REGS = 32
+#: Largest head-dim chunk of the backward: its dK/dV partial tiles are [BLOCK_N, BLOCK_D] fp32.
+BWD_MAX_BLOCK_D = 32
+
+
+def fits(block_m: int, warps: int, block_n: int, n_bucket: int, tile_regs: int) -> bool:
+    """Can this tile run the shape well: no taller than the queries (32 rows minimum), and one fp32
+    [BLOCK_M, BLOCK_N] tile costs at most ``tile_regs`` registers per thread."""
     if block_m > max(32, n_bucket):
         return False
-    return block_m * block_n // (32 * warps) <= 64
+    return block_m * block_n // (32 * warps) <= tile_regs
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` of both kernels: keep the configs :func:`fits` accepts."""
-    args: Dict = {**named_args, **kwargs}
-    block_n, n_bucket = args["BLOCK_N"], args["N_BUCKET"]
-    kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket)]
-    # The 32-row, 4-warp tile always fits; never return an empty list.
-    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 32][:1]
+def make_prune(tile_regs: int):
+    """``early_config_prune`` for a kernel whose tiles may take ``tile_regs`` registers each."""
+
+    def prune(configs, named_args, **kwargs):
+        args: Dict = {**named_args, **kwargs}
+        block_n, n_bucket = args["BLOCK_N"], args["N_BUCKET"]
+        kept = [c for c in configs
+                if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket, tile_regs)]
+        # The smallest tile (32 rows, 4 warps) is the fallback: never return an empty list.
+        return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 32][:1]
+
+    return prune
 
 
-def candidate_configs(block_n: int, n_bucket: int) -> List[triton.Config]:
+prune_fwd_configs = make_prune(FWD_TILE_REGS)
+prune_bwd_configs = make_prune(BWD_TILE_REGS)
+
+
+def candidate_configs(block_n: int, n_bucket: int, backward: bool) -> List[triton.Config]:
     """The configs the autotuner may pick for a shape (used by the compile check)."""
-    return prune_configs(autotune_configs(), {"BLOCK_N": block_n, "N_BUCKET": n_bucket})
+    prune = prune_bwd_configs if backward else prune_fwd_configs
+    return prune(autotune_configs(), {"BLOCK_N": block_n, "N_BUCKET": n_bucket})
 
 
 #: Fixed tile used under the interpreter (no autotuning there: it would time numpy).

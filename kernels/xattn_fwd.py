@@ -17,16 +17,16 @@ from ._utils import (
     INTERPRETER_CONFIG,
     autotune_configs,
     dot_precision,
+    dot_upcast,
     head_dim_block,
     interpreting,
     key_block,
-    prune_configs,
+    mma,
+    prune_fwd_configs,
     query_bucket,
     select_block,
 )
 
-LOG2E = 1.4426950408889634  # log2(e): softmax runs in base 2 (exp2 is the fast hardware path)
-LN2 = 0.6931471805599453  # ln(2): lse is stored in natural log
 
 
 @triton.jit
@@ -41,22 +41,25 @@ def _xattn_fwd_kernel(
     stride_lseb, stride_lseh, stride_lsem,
     stride_ab, stride_ah, stride_am, stride_as,
     H, N_Q, N_KV, NUM_SEL, N_BUCKET,
-    qk_scale,
+    sm_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, MEAN_HEADS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One block of query rows: full-row softmax over all keys, output, lse and selected maps.
 
-    Formula, per head h and row m (log2 domain, ``qk_scale = scale * log2(e)``)::
+    Formula, per head h and row m::
 
-        s2[n]  = q[m]·k[n] · qk_scale + bias[n] · log2(e)        (n < N_KV; padded keys: -inf)
-        P[n]   = exp2(s2[n] - max s2) / Σ exp2(s2 - max s2)      (0 for a row whose keys are all -inf)
+        s[n]   = q[m]·k[n] · sm_scale + bias[n]                  (n < N_KV; padded keys: -inf)
+        P[n]   = exp2((s[n] - max s) · log2 e) / Σ_n (same)      (0 for a row whose keys are all -inf)
         O[m]   = Σ_n P[n] v[n]                                   (HAS_V)
-        LSE[m] = ln Σ exp(logits) = (max s2 + log2 Σ) · ln 2     (+inf for an all -inf row)
+        LSE[m] = max s + ln Σ_n exp(s[n] - max s)                (natural log; +inf for an all -inf row)
         MAPS[m, j] = P[SEL[j]]  or  (1/H) Σ_h P_h[SEL[j]]        (HAS_SEL; MEAN_HEADS)
+
+    Logits stay in natural units until after the max is subtracted (only then scaled by log2 e for
+    exp2): with a -10000 padding bias, s is ~-10^4 and any extra rounding there costs ~1e-3.
 
     Grid: ``(cdiv(N_Q, BLOCK_M), B * H)``, or ``(cdiv(N_Q, BLOCK_M), B)`` with MEAN_HEADS, where one
     program loops over the H heads of its batch item and sums its map tile in registers (no atomics,
@@ -97,40 +100,41 @@ def _xattn_fwd_kernel(
 
         # Logits of the whole row: all keys at once, head dim in chunks.
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
+        for d0 in range(0, HEAD_DIM, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < HEAD_DIM
             q = tl.load(q_ptr + offs_m[:, None] * stride_qm + d[None, :] * stride_qd,
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0)
             k = tl.load(k_ptr + offs_n[:, None] * stride_kn + d[None, :] * stride_kd,
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
+            s = mma(q, tl.trans(k), s, DOT_PRECISION, DOT_UPCAST)
+        s = s * sm_scale
         if HAS_BIAS:
             bias = tl.load(BIAS + off_b * stride_biasb + off_h * stride_biash + offs_n * stride_biasn,
                            mask=n_mask, other=0.0)
-            s = s + bias.to(tl.float32)[None, :] * 1.4426950408889634
+            s = s + bias.to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
 
         # Softmax of the full row. A row whose keys are all -inf has max -inf: shift by 0 so that
         # every exp2 is 0 (not NaN), then P = 0 and lse = +inf. A NaN logit keeps the row NaN.
         m_i = tl.max(s, axis=1)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.math.exp2(s - m_i[:, None])
+        p = tl.math.exp2((s - m_i[:, None]) * 1.4426950408889634)  # exp(s - max), via log2(e)
         l_i = tl.sum(p, axis=1)
-        lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
-        p = p * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # all-masked row: p is 0 already; NaN stays NaN
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
+        p = p / l_safe[:, None]
         tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem, lse, mask=m_mask)
 
         if HAS_V:
             v_ptr = V + off_b * stride_vb + off_h * stride_vh
             o_ptr = O + off_b * stride_ob + off_h * stride_oh
-            for d0 in tl.static_range(0, VALUE_DIM, BLOCK_DV):
+            for d0 in range(0, VALUE_DIM, BLOCK_DV):
                 d = d0 + tl.arange(0, BLOCK_DV)
                 d_mask = d < VALUE_DIM
                 v = tl.load(v_ptr + offs_n[:, None] * stride_vn + d[None, :] * stride_vd,
                             mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-                o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                o = mma(p, v, None, DOT_PRECISION, DOT_UPCAST)
                 tl.store(o_ptr + offs_m[:, None] * stride_om + d[None, :] * stride_od,
                          o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -157,12 +161,50 @@ def _xattn_fwd_kernel(
 _xattn_fwd_kernel_tuned = triton.autotune(
     configs=autotune_configs(),
     key=["N_BUCKET", "N_KV", "HEAD_DIM", "VALUE_DIM", "NUM_SEL", "HAS_V", "HAS_SEL", "MEAN_HEADS"],
-    prune_configs_by={"early_config_prune": prune_configs},
+    prune_configs_by={"early_config_prune": prune_fwd_configs},
 )(_xattn_fwd_kernel)
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps):
+    """(positional args, constexpr kwargs, grid) of one forward launch; also used by the compile
+    check (with meta tensors) so that it compiles exactly what a launch would."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    Dv = v.shape[3] if v is not None else 0
+    S = select.shape[1] if select is not None else 0
+    mean = bool(mean_heads and select is not None)
+    if select is None:
+        maps_strides = (0, 0, 0, 0)
+    elif mean:  # [B, N, S]: the head stride is 0
+        maps_strides = (maps.stride(0), 0, maps.stride(1), maps.stride(2))
+    else:
+        maps_strides = tuple(maps.stride())
+    # Absent tensors are replaced by a present one of any type: their flag keeps them unread.
+    args = (
+        q, k, v if v is not None else q, bias if bias is not None else lse,
+        select if select is not None else lse, out if v is not None else q, lse,
+        maps if select is not None else lse,
+        *q.stride(), *k.stride(), *_strides(v, 4), *_strides(bias, 3), *_strides(select, 2),
+        *(_strides(out, 4) if v is not None else (0,) * 4), *lse.stride(), *maps_strides,
+        H, N, M, S, query_bucket(N),
+        float(scale),
+    )
+    constexprs = dict(
+        HEAD_DIM=D, VALUE_DIM=max(Dv, 1), BLOCK_N=key_block(M), BLOCK_D=head_dim_block(D),
+        BLOCK_DV=head_dim_block(Dv) if Dv else 16, BLOCK_S=select_block(S),
+        HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_SEL=select is not None, MEAN_HEADS=mean,
+        DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
+    )
+    programs_per_row_block = B if mean else B * H
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), programs_per_row_block)
+
+    return args, constexprs, grid
 
 
 def xattn_fwd(
@@ -184,42 +226,10 @@ def xattn_fwd(
     None), lse [B, H, N] fp32, maps [B, H, N, S] / [B, N, S] fp32 (empty when select is None).
     Any strides are accepted (no copies); ``mean_heads`` without ``select`` is treated as per-head.
     """
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    Dv = v.shape[3] if v is not None else 0
-    S = select.shape[1] if select is not None else 0
+    B, H, N, _ = q.shape
     if N == 0 or B == 0 or H == 0:
         return
-    mean = bool(mean_heads and select is not None)
-    if select is not None:
-        if mean:
-            maps_strides = (maps.stride(0), 0, maps.stride(1), maps.stride(2))
-        else:
-            maps_strides = tuple(maps.stride())
-    else:
-        maps_strides = (0, 0, 0, 0)
-    block_n = key_block(M)
-    block_d = head_dim_block(D)
-    block_dv = head_dim_block(Dv) if Dv else 16
-    args = (
-        q, k, v if v is not None else q, bias if bias is not None else lse,
-        select if select is not None else lse, out if v is not None else q, lse,
-        maps if select is not None else lse,
-        *q.stride(), *k.stride(), *_strides(v, 4), *_strides(bias, 3), *_strides(select, 2),
-        *(_strides(out, 4) if v is not None else (0,) * 4), *lse.stride(), *maps_strides,
-        H, N, M, S, query_bucket(N),
-        float(scale) * LOG2E,
-    )
-    constexprs = dict(
-        HEAD_DIM=D, VALUE_DIM=max(Dv, 1), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_S=select_block(S), HAS_V=v is not None, HAS_BIAS=bias is not None,
-        HAS_SEL=select is not None, MEAN_HEADS=mean, DOT_PRECISION=dot_precision(q.dtype),
-    )
-    rows_grid = B if mean else B * H
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), rows_grid)
-
+    args, constexprs, grid = launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps)
     if interpreting():
         _xattn_fwd_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
     else:

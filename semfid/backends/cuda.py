@@ -1,11 +1,29 @@
-"""Adapter to the CUDA C++ extension ``semfid._C`` (work in progress: not registered as usable yet)."""
+"""Adapter to the hand-written CUDA kernels of the extension ``semfid._C`` (``csrc/``).
+
+Opt-in only: the kernels compile and link on machines without a GPU, but ``backend="auto"`` must not
+choose them until the GPU test suite (``pytest -m gpu tests/test_cuda_ext.py``) has passed on a real
+device, so ``AUTO_DEVICES`` stays empty and ``status()`` says so. Use ``backend="cuda"`` or
+``SEMFID_BACKEND=cuda``.
+
+What the kernels take: CUDA tensors in float16 / bfloat16, at most 128 keys per head (staged in shared
+memory once per block), head dims 40, 64, 80, 128, 160 (SD1.5 and SDXL), and a value dim equal to the
+head dim. The extension copies k and v to contiguous memory (they are small) and reads q and dout
+through their strides (copying only when rows are not 16-byte aligned); outputs have the layouts of
+the fake implementations in :mod:`semfid.ops` (``out`` contiguous, ``dq`` like ``q``).
+"""
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
+from .. import _cpp_lib
+from .._inputs import XattnInputs
 from . import register_backend
-from .base import BackendBase
+from .base import BackendBase, BackwardResult, ForwardResult
+
+SUPPORTED_HEAD_DIMS = (40, 64, 80, 128, 160)
 
 
 @register_backend
@@ -13,9 +31,40 @@ class CudaBackend(BackendBase):
     NAME = "cuda"
     SUPPORTED_DEVICES = frozenset({"cuda"})
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
+    MAX_HEAD_DIM = max(SUPPORTED_HEAD_DIMS)
     MAX_KEYS = 128
     PRIORITY = 20
+    # Empty until the GPU tests have passed on a real device (issue 5): "auto" never picks cuda.
+    AUTO_DEVICES = frozenset()
 
     @classmethod
     def unavailable_reason(cls):
-        return "the CUDA extension is not implemented yet"
+        return _cpp_lib.unavailable_reason()
+
+    @classmethod
+    def status(cls) -> str:
+        reason = _cpp_lib.unavailable_reason()
+        if reason is not None:
+            return ("not built: " if _cpp_lib.is_missing() else "built but not loadable: ") + reason
+        return "compiled, not yet validated on a GPU (opt-in: backend='cuda')"
+
+    @classmethod
+    def not_supported_reasons(cls, inp: XattnInputs) -> List[str]:
+        reasons = super().not_supported_reasons(inp)
+        if inp.head_dim not in SUPPORTED_HEAD_DIMS:
+            reasons.append(f"head_dim={inp.head_dim} (supported: {list(SUPPORTED_HEAD_DIMS)})")
+        if inp.v is not None and inp.value_dim != inp.head_dim:
+            reasons.append(f"value_dim={inp.value_dim} != head_dim={inp.head_dim}")
+        return reasons
+
+    @staticmethod
+    def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
+        out, lse, maps = torch.ops.semfid_C.fwd(q, k, v, bias, select, float(scale), bool(mean_heads))
+        return out, lse, maps
+
+    @staticmethod
+    def backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> BackwardResult:
+        dq, dk, dv = torch.ops.semfid_C.bwd(
+            q, k, v, bias, select, float(scale), bool(mean_heads), out, lse, dout, dmaps
+        )
+        return dq, dk, dv

@@ -10,6 +10,7 @@ but every code path of training and generation runs exactly as on the real model
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from importlib import resources
@@ -47,6 +48,18 @@ def _byte_symbols() -> list:
     return symbols
 
 
+def _bpe(word: str, ranks: dict) -> list:
+    """Byte-pair merge ``word`` (ASCII) with ``ranks``, lowest rank first, as CLIP's tokenizer does."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def write_tiny_tokenizer(directory: Union[str, os.PathLike], words: Iterable[str] = TINY_WORDS,
                          pad_token: str = _END) -> Path:
     r"""Write a working CLIP BPE tokenizer (``vocab.json``, ``merges.txt``, config) to ``directory``.
@@ -72,16 +85,14 @@ def write_tiny_tokenizer(directory: Union[str, os.PathLike], words: Iterable[str
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
-    merges = []
+    ranks: dict = {}  # (left, right) -> merge priority
     for word in sorted(set(w.lower() for w in words)):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = f"{parts[0]} {parts[1]}"
-            merged = parts[0] + parts[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            parts = [merged] + parts[2:]
+        # apply the merges so far; when the word is not one token yet, append a merge for its first
+        # two parts. Appended merges rank below every earlier one, so earlier words stay whole.
+        while len(parts := _bpe(word, ranks)) > 1:
+            ranks[(parts[0], parts[1])] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     vocab[_START] = len(vocab)
     vocab[_END] = len(vocab)
     with open(directory / "vocab.json", "w", encoding="utf-8") as f:

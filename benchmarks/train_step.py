@@ -1,0 +1,399 @@
+"""One whole UNet training step with SeFi-IDE's subject loss on every cross-attention layer.
+
+Gradients flow to the text states (the UNet is frozen, as in SeFi-IDE, where only the tokens train).
+Three ways of running the same step:
+
+* ``semfid``    semfid's processors (``semfid.diffusers.install`` + ``ctl.subject_loss``);
+* ``explicit``  an explicit-softmax processor that stores the maps of every cross-attention layer and
+                computes the loss from them afterwards (Prompt-to-Prompt's AttentionStore /
+                FastComposer style), written below on top of ``baselines.eager_*``;
+* ``floor``     plain ``AttnProcessor2_0`` (SDPA) and no attention loss: the cost of the step itself.
+
+Reported: step time (median ± IQR), peak GPU memory, and the cost of the loss over the floor.
+SD1.5 and SDXL; on CPU their structural twins (same layout, tiny widths) by default, on GPU the
+full-size configs with random weights at 512 / 1024 px.
+
+    python benchmarks/train_step.py                       # CPU: twins; GPU: full size, bf16
+    python benchmarks/train_step.py --models sd15 --size full --res 256 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _bench_utils import (  # noqa: E402
+    MIB, _summarize, environment, format_environment,
+)
+from baselines import eager_head_mean_maps, eager_probabilities, subject_loss  # noqa: E402
+
+LOSS_WEIGHT = 0.003  # λ of SeFi-IDE (DESIGN.md §1)
+NUM_TOKENS = 10
+VARIANTS = ("semfid", "explicit", "floor")
+MODELS = {  # name -> (full-size config, structural twin, pixel resolution of the full-size run)
+    "sd15": ("sd15_unet", "sd15_unet_twin", 512),
+    "sdxl": ("sdxl_unet", "sdxl_unet_twin", 1024),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# the explicit-softmax baseline processor
+# ------------------------------------------------------------------------------------------------
+class MapStore:
+    """Per-step state of the explicit baseline: what to compare, and the maps stored per layer."""
+
+    def __init__(self) -> None:
+        self.tokens: Optional[torch.Tensor] = None
+        self.reference_states: Optional[torch.Tensor] = None
+        self.maps: Dict[str, tuple] = {}  # layer name -> (A_t, A_r)
+
+    def loss(self) -> torch.Tensor:
+        """Mean over the layers of the per-layer subject loss, [B]."""
+        losses = [subject_loss(a_t, a_r) for a_t, a_r in self.maps.values()]
+        return torch.stack(losses).mean(dim=0)
+
+
+class ExplicitSoftmaxStoreProcessor:
+    r"""Cross-attention with an explicit ``softmax(QKᵀ)`` whose selected columns are stored.
+
+    The ``AttnProcessor2_0`` template, with the SDPA call replaced by :func:`baselines.eager_probabilities`
+    (the way attention-map training code gets maps today). When ``store.tokens`` is set, the
+    head-mean maps of those tokens (``A_t``) and, without gradient, those of the reference keys
+    ``to_k(store.reference_states)`` (``A_r``) are kept in ``store.maps[name]``.
+
+    Args:
+        store (`MapStore`): shared by every layer of the UNet.
+        name (`str`): the layer name (processor key without ``.processor``).
+    """
+
+    def __init__(self, store: MapStore, name: str) -> None:
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("this benchmark baseline takes no attention mask")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(t):
+            return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        probs = eager_probabilities(query, key, attn.scale)
+        hidden_states = torch.matmul(probs, value)
+        if self.store.tokens is not None:
+            maps_t = eager_head_mean_maps(probs, self.store.tokens)
+            with torch.no_grad():
+                key_ref = heads(attn.to_k(self.store.reference_states))
+                maps_r = eager_head_mean_maps(eager_probabilities(query, key_ref, attn.scale),
+                                              self.store.tokens)
+            self.store.maps[self.name] = (maps_t, maps_r)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ------------------------------------------------------------------------------------------------
+# model and inputs
+# ------------------------------------------------------------------------------------------------
+def build_unet(config_name: str, device: torch.device, dtype: torch.dtype):
+    """A frozen, randomly initialised UNet from a config shipped with semfid (created on ``device``
+    directly: a 2.6 B-parameter SDXL initialises in seconds on a GPU, minutes on a CPU)."""
+    from semfid.diffusers import load_unet_config
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(load_unet_config(config_name))
+    if dtype != torch.float32:
+        unet = unet.to(dtype=dtype)
+    return unet.requires_grad_(False).eval()
+
+
+@dataclass
+class StepInputs:
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    key_states: torch.Tensor        # the trained text states: leaf, requires grad
+    reference_states: torch.Tensor  # reference prompt, no grad
+    noise: torch.Tensor
+    tokens: torch.Tensor
+    added_cond: Optional[dict]
+
+
+def make_step_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0) -> StepInputs:
+    cfg = unet.config
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    added = None
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embeds + 6 size/crop ids
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": randn(batch, text_dim),
+                 "time_ids": torch.tensor([latent * 8, latent * 8, 0, 0, latent * 8, latent * 8],
+                                          device=device, dtype=dtype).repeat(batch, 1)}
+    return StepInputs(
+        sample=randn(batch, cfg.in_channels, latent, latent),
+        timestep=torch.randint(0, 1000, (batch,), generator=gen).to(device),
+        key_states=randn(batch, 77, cfg.cross_attention_dim).requires_grad_(True),
+        reference_states=randn(batch, 77, cfg.cross_attention_dim),
+        noise=randn(batch, cfg.out_channels, latent, latent),
+        tokens=torch.arange(1, 1 + NUM_TOKENS, device=device),
+        added_cond=added,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# one step per variant
+# ------------------------------------------------------------------------------------------------
+def _denoise_loss(unet, x: StepInputs) -> torch.Tensor:
+    pred = unet(x.sample, x.timestep, encoder_hidden_states=x.key_states,
+                added_cond_kwargs=x.added_cond).sample
+    return F.mse_loss(pred.float(), x.noise.float())
+
+
+class Variant:
+    """Sets its processors on the UNet (``setup``), runs one step, undoes itself (``teardown``)."""
+
+    def __init__(self, name: str, unet):
+        self.name, self.unet = name, unet
+        self.ctl = None
+        self.store = MapStore()
+
+    def setup(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        if self.name == "semfid":
+            from semfid.diffusers import install
+
+            self.ctl = install(self.unet)
+        elif self.name == "explicit":
+            procs = {}
+            for key in self.unet.attn_processors:
+                name = key[: -len(".processor")]
+                procs[key] = (ExplicitSoftmaxStoreProcessor(self.store, name)
+                              if name.endswith("attn2") else AttnProcessor2_0())
+            self.unet.set_attn_processor(procs)
+
+    def teardown(self) -> None:
+        if self.ctl is not None:
+            self.ctl.uninstall()
+            self.ctl = None
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet.set_attn_processor(AttnProcessor2_0())
+
+    def step(self, x: StepInputs):
+        """Forward + backward; returns (attention loss [B] or None, d key_states)."""
+        attn_loss = None
+        if self.name == "semfid":
+            with self.ctl.subject_loss(x.reference_states, x.tokens) as rec:
+                denoise = _denoise_loss(self.unet, x)
+            attn_loss = rec.loss
+        elif self.name == "explicit":
+            self.store.tokens, self.store.reference_states = x.tokens, x.reference_states
+            self.store.maps.clear()
+            try:
+                denoise = _denoise_loss(self.unet, x)
+            finally:
+                self.store.tokens = self.store.reference_states = None
+            attn_loss = self.store.loss()
+            self.store.maps.clear()
+        else:
+            denoise = _denoise_loss(self.unet, x)
+        total = denoise if attn_loss is None else denoise + LOSS_WEIGHT * attn_loss.mean()
+        (grad,) = torch.autograd.grad(total, x.key_states)
+        return (None if attn_loss is None else attn_loss.detach()), grad
+
+
+def run_model(model: str, size: str, res: Optional[int], batch: int, device, dtype, steps: int,
+              warmup: int, variants: List[str], log=print) -> List[dict]:
+    full_name, twin_name, full_res = MODELS[model]
+    config_name = full_name if size == "full" else twin_name
+    t0 = time.perf_counter()
+    unet = build_unet(config_name, device, dtype)
+    if res is None:
+        res = full_res if size == "full" else unet.config.sample_size * 8
+    latent = res // 8
+    x = make_step_inputs(unet, batch, latent, device, dtype)
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(f"\n{model} ({config_name}, {n_params / 1e6:.1f} M params, built in {time.perf_counter() - t0:.1f} s): "
+        f"{res} px (latent {latent}x{latent}), batch {batch}, {str(dtype).replace('torch.', '')}")
+
+    rows, losses, grads, samples, peaks = [], {}, {}, {}, {}
+    live: List[Variant] = []
+    for name in variants:  # first step of each: warm-up, and the loss/gradient compared below
+        variant = Variant(name, unet)
+        variant.setup()
+        try:
+            losses[name], grads[name] = variant.step(x)
+            live.append(variant)
+            samples[name] = []
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+            log(f"  {name}: FAILED: {type(exc).__name__}: {exc}")
+        finally:
+            variant.teardown()
+
+    # Round-robin over the variants, so load from other processes hits all of them alike.
+    for rep in range(max(0, warmup - 1) + steps):
+        for variant in live:
+            variant.setup()
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                variant.step(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if rep >= max(0, warmup - 1):
+                    samples[variant.name].append((time.perf_counter() - t0) * 1e3)
+            finally:
+                variant.teardown()
+    if device.type == "cuda":
+        for variant in live:
+            variant.setup()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                variant.step(x)
+                torch.cuda.synchronize()
+                peaks[variant.name] = torch.cuda.max_memory_allocated() / MIB
+            finally:
+                variant.teardown()
+
+    for variant in live:
+        timing = _summarize(samples[variant.name])
+        peak = peaks.get(variant.name)
+        rows.append({"model": model, "config": config_name, "variant": variant.name, "res": res,
+                     "batch": batch, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+                     "ms_median": round(timing.median_ms, 3), "ms_iqr": round(timing.iqr_ms, 3),
+                     "steps": timing.reps, "peak_mib": None if peak is None else round(peak, 1)})
+
+    floor = next((r for r in rows if r["variant"] == "floor"), None)
+    for r in rows:
+        r["overhead_vs_floor_pct"] = (None if floor is None
+                                      else round(100 * (r["ms_median"] / floor["ms_median"] - 1), 1))
+    if "semfid" in losses and "explicit" in losses:
+        # Same weights, same inputs: both variants compute the same loss and gradients.
+        a, b = losses["semfid"].float(), losses["explicit"].float()
+        loss_rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        grad_rel = float((grads["semfid"].float() - grads["explicit"].float()).abs().max()
+                         / grads["explicit"].float().abs().max().clamp_min(1e-30))
+        log(f"  semfid vs explicit: attention loss rel. diff {loss_rel:.2e}, "
+            f"text-state grad rel. diff {grad_rel:.2e}")
+        for r in rows:
+            r["loss_rel_diff_vs_explicit"] = round(loss_rel, 8) if r["variant"] == "semfid" else None
+    del unet, x
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_rows(rows: List[dict]) -> str:
+    header = ["model", "config", "res", "B", "dtype", "variant", "step ms (median±IQR)", "peak MiB",
+              "loss cost vs floor"]
+    table = [[r["model"], r["config"], str(r["res"]), str(r["batch"]), r["dtype"], r["variant"],
+              f"{r['ms_median']:.1f}±{r['ms_iqr']:.1f}",
+              "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+              "-" if r["overhead_vs_floor_pct"] is None or r["variant"] == "floor"
+              else f"{r['overhead_vs_floor_pct']:+.1f}%"] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(t) for t in table])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["sd15", "sdxl"])
+    p.add_argument("--size", choices=["twin", "full"], default=None,
+                   help="full-size config or its structural twin (default: full on GPU, twin on CPU)")
+    p.add_argument("--res", type=int, default=None,
+                   help="image resolution in pixels (default: 512 / 1024 full size, the twin's own)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="default: bfloat16 on GPU (random weights overflow fp16 less), float32 on CPU")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (interleaved)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import diffusers  # noqa: F401
+        import semfid.diffusers  # noqa: F401
+    except ImportError as exc:
+        print(f"train_step skipped: {exc} (pip install 'semfid[diffusers]')")
+        return 3
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but this torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    size = args.size or ("full" if device.type == "cuda" else "twin")
+    env = environment(device)
+    print("semfid train_step: UNet step, subject loss on every cross-attention layer, grads to the text states")
+    print(format_environment(env))
+    rows: List[dict] = []
+    for model in args.models:
+        rows += run_model(model, size, args.res, args.batch, device, dtype, args.steps, args.warmup,
+                          args.variants)
+    print()
+    print(format_rows(rows))
+    machine = env.get("gpu") or f"CPU: {env['cpu']} ({env['cpu_count']} cores)"
+    if device.type == "cuda" and size == "full":
+        for r in rows:
+            if r["variant"] == "semfid" and r["overhead_vs_floor_pct"] is not None:
+                ok = "met" if r["overhead_vs_floor_pct"] <= 10 else "NOT met"
+                print(f"target (loss cost ≤ 10% over the floor), {r['model']}: {ok} "
+                      f"({r['overhead_vs_floor_pct']:+.1f}%)")
+    if args.json:
+        for r in rows:
+            r.update(machine=machine, date_utc=env["date_utc"], torch=env["torch"],
+                     load_avg_1m=env["load_avg_1m"])
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Compile every Triton kernel configuration for sm_80 / sm_90 without a GPU (``--compile-check``).
+
+For the forward and backward kernels, every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
+(fp16, bf16, fp32), mode (forward: target pass / reference maps-only pass / per-head maps / plain;
+backward: output+maps / maps-only / output-only) and every autotune config the autotuner may pick
+for 77 keys at SD query counts, this builds a cubin with
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))`` and
+prints the registers per thread, spilled bytes and shared memory. The compile runs in a child process
+without ``TRITON_INTERPRET`` (the interpreter would replace the compiler). Exit status: 0 when every
+config compiles and no SD config (head dim <= 160) spills, 1 otherwise.
+
+Usage: ``python -m semfid._compile_check [--arch 80,90] [--head-dims 40,64,80,160,256]
+[--dtypes fp16,bf16,fp32] [--quick] [-j N]`` (``--quick``: only the target-pass / output+maps
+modes; ``-j``: parallel compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+SD_HEAD_DIMS = (40, 64, 80, 160, 256)  # SD1.5: 40/80/160; SDXL: 64; 256 = the kernels' limit
+NUM_KEYS = 77  # CLIP text tokens
+NUM_SELECTED = 2
+QUERY_BUCKETS = (4096,)  # the 4096-query layers see every config; smaller buckets see a subset
+SPILL_FREE_MAX_DIM = 160  # SD shapes must not spill
+
+# flags per kernel mode
+FWD_MODES = {
+    "target": dict(HAS_V=True, HAS_SEL=True, MEAN_HEADS=True),
+    "reference": dict(HAS_V=False, HAS_SEL=True, MEAN_HEADS=True),
+    "per_head": dict(HAS_V=True, HAS_SEL=True, MEAN_HEADS=False),
+    "plain": dict(HAS_V=True, HAS_SEL=False, MEAN_HEADS=False),
+}
+BWD_MODES = {
+    "out+maps": dict(HAS_DO=True, HAS_G=True),
+    "maps": dict(HAS_DO=False, HAS_G=True),
+    "out": dict(HAS_DO=True, HAS_G=False),
+}
+
+
+_TYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
+_SIG_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32",
+               "torch.int64": "i64"}
+SD_HEADS = {40: 8, 64: 10, 80: 8, 160: 8}  # heads per head dim in SD1.5 / SDXL (others: 4)
+
+
+def _specialize(fn, args: Sequence, constexprs: Dict[str, object], target):
+    """Signature, constexprs and attrs as triton's launcher derives them from actual arguments:
+    tensors become ``*dtype`` pointers (16-byte aligned), ints equal to 1 become constants, ints
+    divisible by 16 get ``tt.divisibility = 16``, floats are fp32."""
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(target)
+    names = fn.arg_names
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        value = args[i]
+        if hasattr(value, "dtype"):
+            signature[name] = "*" + _SIG_DTYPES[str(value.dtype)]
+            attrs[(i,)] = backend.parse_attr("D")
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = backend.parse_attr("D")
+    return signature, consts, attrs
+
+
+def _sd_tensors(head_dim: int, dtype: str, mean: bool, with_v: bool, with_sel: bool):
+    """Meta tensors in the layouts diffusers hands over (q/k/v are [B, N, H, D] views, the padding
+    bias is [B, 1, M] expanded over heads, tokens are one [S] list shared by the batch)."""
+    import torch
+
+    from semfid.backends.base import empty_forward_outputs
+
+    dt = getattr(torch, _TYPES[dtype].split(".")[1])
+    B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), QUERY_BUCKETS[0], NUM_KEYS, head_dim
+    meta = dict(device="meta", dtype=dt)
+    q = torch.empty(B, N, H, D, **meta).transpose(1, 2)
+    k = torch.empty(B, M, H, D, **meta).transpose(1, 2)
+    v = torch.empty(B, M, H, D, **meta).transpose(1, 2) if with_v else None
+    bias = torch.empty(B, 1, M, device="meta").expand(B, H, M)
+    select = torch.empty(NUM_SELECTED, device="meta", dtype=torch.int64).expand(B, NUM_SELECTED) \
+        if with_sel else None
+    out, lse, maps = empty_forward_outputs(q, k, v, select, mean)
+    return q, k, v, bias, select, out, lse, maps
+
+
+def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str], quick: bool):
+    """Yield (label, kernel, args, constexprs, num_warps, num_stages, arch, head dim) per config."""
+    import torch
+
+    import importlib
+
+    # importlib, not `from semfid.kernels import xattn_fwd`: the package re-exports launchers with
+    # the same names as the modules.
+    U = importlib.import_module("semfid.kernels._utils")
+    xattn_fwd = importlib.import_module("semfid.kernels.xattn_fwd")
+    xattn_bwd = importlib.import_module("semfid.kernels.xattn_bwd")
+
+    block_n = U.key_block(NUM_KEYS)
+
+    def configs(backward: bool) -> List[Tuple[int, int, int]]:
+        found: List[Tuple[int, int, int]] = []
+        for bucket in QUERY_BUCKETS:
+            for c in U.candidate_configs(block_n, bucket, backward):
+                key = (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+                if key not in found:
+                    found.append(key)
+        return found
+
+    fwd_modes = {"target": FWD_MODES["target"]} if quick else FWD_MODES
+    bwd_modes = {"out+maps": BWD_MODES["out+maps"]} if quick else BWD_MODES
+    for arch in arches:
+        for dtype in dtypes:
+            for d in head_dims:
+                for mode, f in fwd_modes.items():
+                    q, k, v, bias, sel, out, lse, maps = _sd_tensors(
+                        d, dtype, f["MEAN_HEADS"], f["HAS_V"], f["HAS_SEL"])
+                    args, cx, _ = xattn_fwd.launch_args(q, k, v, bias, sel, d ** -0.5, f["MEAN_HEADS"],
+                                                        out, lse, maps)
+                    cx["DOT_UPCAST"] = False
+                    for (bm, w, st) in configs(backward=False):
+                        yield (f"fwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
+                               f"stages={st}", xattn_fwd._xattn_fwd_kernel, args, dict(cx, BLOCK_M=bm),
+                               w, st, arch, d)
+                for mode, f in bwd_modes.items():
+                    q, k, v, bias, sel, out, lse, maps = _sd_tensors(d, dtype, True, True, True)
+                    dout = torch.empty_like(out) if f["HAS_DO"] else None
+                    dmaps = torch.empty_like(maps) if f["HAS_G"] else None
+                    splits, rows = U.backward_splits(q.shape[2], q.shape[0] * q.shape[1], q.device)
+                    dq, dk_part, dv_part = xattn_bwd.allocate(q, k, v, f["HAS_DO"], splits)
+                    args, cx = xattn_bwd.launch_args(q, k, v, bias, sel, d ** -0.5, True, out, lse,
+                                                     dout, dmaps, dq, dk_part, dv_part, rows)
+                    cx["DOT_UPCAST"] = False
+                    for (bm, w, st) in configs(backward=True):
+                        yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
+                               f"stages={st}", xattn_bwd._xattn_bwd_kernel, args, dict(cx, BLOCK_M=bm),
+                               w, st, arch, d)
+
+
+def _tool(name: str) -> Optional[str]:
+    """Path of a CUDA tool shipped with triton (``triton/backends/nvidia/bin``), else on PATH."""
+    try:
+        import triton.backends.nvidia as nv
+
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which(name)
+
+
+def _resources(kernel) -> Tuple[int, int, int]:
+    """(registers/thread, stack bytes, shared bytes) of a compiled kernel, read from its cubin with
+    ``cuobjdump -res-usage`` (``n_regs``/``n_spills`` only exist after loading on a GPU). The
+    kernels have no local arrays, so a non-zero stack frame is register spilling."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (looked in triton/backends/nvidia/bin and PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
+    if res.returncode != 0 or usage is None:
+        raise RuntimeError(f"cuobjdump -res-usage failed: {(res.stderr or res.stdout).strip()}")
+    regs, stack, _, local = (int(x) for x in usage.groups())
+    shared = int(getattr(kernel.metadata, "shared", 0))
+    return regs, stack + local, shared
+
+
+_JOBS: list = []
+
+
+def _compile_one(index: int):
+    """Compile job ``index`` of :data:`_JOBS`; returns (label, head dim, result or error string)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    label, fn, args, cx, warps, stages, arch, d = _JOBS[index]
+    try:
+        target = GPUTarget("cuda", arch, 32)
+        signature, constexprs, attrs = _specialize(fn, args, cx, target)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+        return label, d, _resources(kernel)
+    except Exception as e:  # report every failure, keep going
+        msg = str(e).strip().splitlines()
+        return label, d, f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    import concurrent.futures as cf
+    import multiprocessing
+
+    import triton
+
+    _JOBS.extend(_jobs(args.arch, args.head_dims, args.dtypes, args.quick))
+    print(f"triton {triton.__version__}: compiling {len(_JOBS)} semfid kernel configs "
+          f"(M={NUM_KEYS} keys, S={NUM_SELECTED} selected, query bucket {list(QUERY_BUCKETS)}, "
+          f"{args.jobs} processes)", flush=True)
+    failures, spilling = [], []
+    ctx = multiprocessing.get_context("fork")
+    try:
+        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            _report(pool.map(_compile_one, range(len(_JOBS))), failures, spilling)
+    except cf.process.BrokenProcessPool as e:  # the compiler aborted a worker (e.g. unknown arch)
+        failures.append("worker")
+        print(f"FAIL a compiler process crashed: {e}", flush=True)
+    print(f"{len(_JOBS)} configs: {len(_JOBS) - len(failures)} compiled, {len(failures)} failed, "
+          f"{len(spilling)} SD configs spill")
+    return 1 if failures or spilling else 0
+
+
+def _report(results, failures: List[str], spilling: List[str]) -> None:
+    """Print one line per compiled config; collect failures and SD configs that spill."""
+    for label, d, result in results:
+        if isinstance(result, str):
+            failures.append(label)
+            print(f"FAIL {label}: {result}", flush=True)
+            continue
+        regs, spills, shared = result
+        flag = ""
+        if spills and d <= SPILL_FREE_MAX_DIM:
+            spilling.append(label)
+            flag = "  <-- SPILLS (SD head dim)"
+        elif spills:
+            flag = "  (spills; head dim > 160)"
+        print(f"ok   {label}: regs={regs:<3} spill_bytes={spills:<5} shared={shared}{flag}", flush=True)
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m semfid._compile_check", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=ints, default=[80, 90], help="compute capabilities (default 80,90)")
+    p.add_argument("--head-dims", type=ints, default=list(SD_HEAD_DIMS))
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
+    p.add_argument("--quick", action="store_true", help="fp16-relevant modes only (target / out+maps)")
+    p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel compile processes (default: cores, at most 8)")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m semfid.info --compile-check``; returns the exit status."""
+    args = _parse(argv)
+    if args.in_process:
+        return _run(args)
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        print(f"compile check needs triton: {e}", file=sys.stderr)
+        return 1
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the interpreter would bypass the compiler
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
+    cmd = [sys.executable, "-m", "semfid._compile_check", "--in-process",
+           "--arch", ",".join(map(str, args.arch)), "--head-dims", ",".join(map(str, args.head_dims)),
+           "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Drop-in diffusers processors: attention-map capture, SeFi-IDE subject loss, K/V-split text states.
+
+``from semfid.diffusers import install``; see :mod:`semfid.diffusers.controller` for usage.
+Needs diffusers: ``pip install 'semfid[diffusers]'``.
+"""
+
+try:
+    import diffusers as _diffusers  # noqa: F401
+    from diffusers.models.attention_processor import Attention as _Attention  # noqa: F401
+except ImportError as _exc:  # pragma: no cover - exercised only without diffusers
+    raise ImportError(
+        "semfid.diffusers needs the `diffusers` package (UNet2DConditionModel with legacy "
+        f"Attention blocks): pip install 'semfid[diffusers]'  ({_exc})"
+    ) from _exc
+
+from .controller import AttentionRecorder, SemfidController, SubjectLossRecorder, install
+from .layers import cross_attention_layers, layer_levels, load_unet_config, resolve_layers, unet_from_config
+from .processors import SemfidAttnProcessor
+
+__all__ = [
+    "install",
+    "SemfidController",
+    "SemfidAttnProcessor",
+    "AttentionRecorder",
+    "SubjectLossRecorder",
+    "cross_attention_layers",
+    "layer_levels",
+    "resolve_layers",
+    "load_unet_config",
+    "unet_from_config",
+]

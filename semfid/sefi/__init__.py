@@ -1,0 +1,44 @@
+"""SeFi-IDE: one-image subject personalization of a frozen SD1.5 / SDXL pipeline.
+
+A subject (a face, a cat, a chair) becomes a placeholder such as ``<v*>`` represented by S per-stage
+token pairs (P^K, P^V): P^K goes through the text encoder to the cross-attention keys, P^V to the values,
+and the pair in use follows the diffusion timestep's stage. Training adds the subject-wise attention loss
+(each prompt token's map under the placeholder prompt is pulled towards its map under the class-word
+prompt), computed by semfid's fused kernels through :mod:`semfid.diffusers`.
+
+```python
+from semfid.sefi import train, generate
+
+train("path/to/stable-diffusion-v1-5", ["me.jpg"], "out/me", steps=500)
+generate("path/to/stable-diffusion-v1-5", ["out/me"], ["a painting of <v*> in a park"],
+         output="me.png", attention_maps="maps/")
+```
+
+Command line: ``semfid-train``, ``semfid-generate``, ``semfid-tiny-pipeline`` (see :mod:`semfid.sefi.cli`).
+"""
+
+from .generate import GeneratedImage, SefiSampler, generate
+from .io import LearnedSubject, SefiInputError, load_components, load_learned
+from .text import PromptEncoder, TextStates
+from .tiny import build_tiny_pipeline
+from .tokens import SefiTokens, stage_of
+from .train import SefiTrainer, TrainConfig, TrainResult, train
+
+__all__ = [
+    "train",
+    "generate",
+    "TrainConfig",
+    "TrainResult",
+    "SefiTrainer",
+    "SefiSampler",
+    "GeneratedImage",
+    "SefiTokens",
+    "stage_of",
+    "PromptEncoder",
+    "TextStates",
+    "LearnedSubject",
+    "load_learned",
+    "load_components",
+    "SefiInputError",
+    "build_tiny_pipeline",
+]

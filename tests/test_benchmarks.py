@@ -1,0 +1,100 @@
+"""CPU smoke tests of benchmarks/: the baselines are right, the reference gate rejects wrong code,
+and a tiny attn_speed run writes complete JSON records. No timing asserts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import attn_speed  # noqa: E402
+import baselines  # noqa: E402
+
+CPU = torch.device("cpu")
+
+# torch.compile on a 2-core CPU takes minutes: eager_compiled is the eager code, checked as eager.
+CPU_BASELINES = [b for b in baselines.baseline_implementations()
+                 if b.unavailable(CPU, torch.float32) is None and b.name != "eager_compiled"]
+
+
+@pytest.mark.parametrize("impl", CPU_BASELINES + [attn_speed.semfid_implementation("auto")],
+                         ids=lambda i: i.name)
+@pytest.mark.parametrize("mode", baselines.MODES)
+def test_implementation_matches_float64_reference(impl, mode):
+    if impl.function(mode) is None:
+        pytest.skip(f"{impl.name} has no {mode} mode")
+    assert attn_speed.check_implementation(impl, mode, CPU, torch.float32) is None
+
+
+def _wrong_scale_forward(q, k, v, scale):
+    return baselines.eager_forward(q, k, v, scale * 1.5)
+
+
+def _maps_summed_over_heads(q, k, v, tokens, scale):
+    p = baselines.eager_probabilities(q, k, scale)
+    return torch.matmul(p, v), p.index_select(-1, tokens).float().sum(dim=1)
+
+
+def _loss_without_gradient(q, k, v, k_ref, tokens, scale):
+    out, loss = baselines.eager_subject(q, k, v, k_ref, tokens, scale)
+    return out, loss.detach()
+
+
+@pytest.mark.parametrize("mode,wrong", [
+    ("forward", dict(forward=_wrong_scale_forward)),
+    ("forward_maps", dict(forward_maps=_maps_summed_over_heads)),
+    ("subject_fwd_bwd", dict(subject=_loss_without_gradient)),
+], ids=["wrong_scale", "maps_not_averaged", "loss_detached"])
+def test_reference_check_rejects_wrong_implementation(mode, wrong):
+    impl = dataclasses.replace(baselines.BASELINES["eager"], name="wrong", **wrong)
+    problem = attn_speed.check_implementation(impl, mode, CPU, torch.float32)
+    assert problem is not None and problem.startswith(("wrong result", "failed"))
+
+
+def test_wrong_implementation_is_reported_and_never_timed():
+    wrong = dataclasses.replace(baselines.BASELINES["eager"], name="wrong",
+                                forward=_wrong_scale_forward)
+    shape = attn_speed.SHAPES_BY_NAME["sd15_8"]
+    results, skipped = attn_speed.run_benchmarks(
+        [shape], [1], ["forward"], [wrong, baselines.BASELINES["eager"]], CPU, torch.float32,
+        budget_s=0.0, compile_budget_s=0.0, copy_gbs=None, show_progress=False, log=lambda *a: None)
+    assert [r.impl for r in results] == ["eager"]
+    assert "REJECTED" in skipped["wrong/forward"]
+
+
+def test_tiny_run_writes_complete_json_records(tmp_path, capsys):
+    path = tmp_path / "records.json"
+    argv = ["--quick", "--cases", "sd15_8", "--batch", "1", "--impl", "semfid", "eager",
+            "sdpa_lse", "--budget-s", "0", "--no-progress", "--json", str(path)]
+    assert attn_speed.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "speedup of semfid" in text
+    recs = json.loads(path.read_text())
+    # semfid and eager in 3 modes, sdpa_lse in the 2 forward modes
+    assert len(recs) == 8
+    for rec in recs:
+        assert set(attn_speed.RECORD_FIELDS) <= set(rec)
+        assert rec["device"] == "cpu" and rec["dtype"] == "float32" and rec["batch"] == 1
+        assert rec["ms_median"] > 0 and rec["ms_iqr"] >= 0
+        assert rec["peak_mib"] is None  # GPU only
+        assert (rec["saved_mib"] is not None) == (rec["mode"] == "subject_fwd_bwd")
+    assert {(r["impl"], r["mode"]) for r in recs} >= {("semfid", "subject_fwd_bwd"),
+                                                     ("eager", "forward_maps")}
+
+
+def test_saved_bytes_counts_each_storage_once():
+    from _bench_utils import SavedBytes
+
+    x = torch.randn(256, 256, requires_grad=True)  # 256 KiB
+    with SavedBytes() as counter:
+        # mul saves x and its view x.t() (one storage); sin saves its input (a second storage)
+        y = (x * x.t()).sum() + (x * 2).sin().sum()
+    assert counter.nbytes == 2 * x.numel() * 4
+    del y

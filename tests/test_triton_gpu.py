@@ -1,0 +1,105 @@
+"""The Triton backend on a real GPU: SD shapes against the float64 reference, and determinism.
+
+Skipped (with a reason) without CUDA or triton; ``benchmarks/gpu_check.sh`` runs it with ``-m gpu``.
+Once these pass on hardware, ``TritonBackend.AUTO_DEVICES`` may become ``{"cuda"}``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _reference import assert_close_rule, attention_ref, subject_ref, ulp_atol  # noqa: E402
+
+import semfid  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="TRITON_INTERPRET=1 replaces the GPU compiler"),
+]
+
+# (B, H, N, M, D): SD1.5 512 px levels (8 heads x 40/80/160) and SDXL 1024 px (10/20 heads x 64).
+SD_SHAPES = [
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 77, 80),
+    (2, 8, 256, 77, 160),
+    (2, 8, 64, 77, 160),
+    (2, 10, 4096, 77, 64),
+    (2, 20, 1024, 77, 64),
+]
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _inputs(B, H, N, M, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # diffusers layout: [B, N, H, D] memory seen as [B, H, N, D]
+    q = torch.randn(B, N, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, M, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(B, M, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    bias = torch.zeros(B, 1, M, device="cuda")
+    bias[0, 0, 60:] = -10000.0  # padded prompt of item 0 (diffusers' encoder_attention_mask)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias
+
+
+def _check(names, got, ref, plain, dtype):
+    scale = max(float(r.abs().max()) for r in ref) + 1e-3
+    for name, a, r, p in zip(names, got, ref, plain):
+        assert_close_rule(name, a, r, p, atol=ulp_atol(dtype, scale))
+
+
+@pytest.mark.parametrize("head_reduce", ["mean", "none"])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "B{}H{}N{}M{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_sd_shapes_match_reference(dtype, shape, head_reduce):
+    q, k, v, bias = _inputs(*shape, dtype)
+    select = [5, 6, 6]
+    out, maps = semfid.cross_attention(q, k, v, attn_bias=bias, select=select,
+                                       head_reduce=head_reduce, backend="triton")
+    ref = attention_ref(q, k, v, attn_bias=bias, select=select, head_reduce=head_reduce)
+    plain = attention_ref(q, k, v, attn_bias=bias, select=select, head_reduce=head_reduce, upcast=False)
+    _check(("out", "maps"), (out, maps), ref, plain, dtype)
+    w = (torch.randn_like(ref[0]), torch.randn_like(ref[1]))
+
+    def grads(o, m):
+        return torch.autograd.grad((o.float() * w[0]).sum() + (m.float() * w[1]).sum(), (q, k, v))
+
+    _check(("dq", "dk", "dv"), grads(out, maps), grads(*ref), grads(*plain), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_subject_loss_matches_reference(dtype):
+    q, k, v, bias = _inputs(2, 8, 1024, 77, 80, dtype, seed=1)
+    k_ref = torch.randn_like(k).requires_grad_()
+    kwargs = dict(tokens=[5], ref_tokens=[5], attn_bias=bias, detach_reference=False)
+    out, loss = semfid.subject_attention(q, k, v, k_ref, backend="triton", **kwargs)
+    ref = subject_ref(q, k, v, k_ref, **kwargs)
+    plain = subject_ref(q, k, v, k_ref, upcast=False, **kwargs)
+    _check(("out", "loss"), (out, loss), ref, plain, dtype)
+    inputs = (q, k, v, k_ref)
+
+    def grads(o, lo):
+        return torch.autograd.grad(o.float().sum() + 1e3 * lo.float().sum(), inputs)
+
+    _check(("dq", "dk", "dv", "dk_ref"), grads(out, loss), grads(*ref), grads(*plain), dtype)
+
+
+def test_backward_bitwise_deterministic_over_20_runs():
+    q, k, v, bias = _inputs(2, 8, 4096, 77, 40, torch.float16, seed=2)
+    out, maps = semfid.cross_attention(q, k, v, attn_bias=bias, select=[5, 6], backend="triton")
+    w_out, w_maps = torch.randn_like(out), torch.randn_like(maps)
+    loss = (out * w_out).sum() + (maps * w_maps).sum()
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    for _ in range(19):
+        again = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+        out2, maps2 = semfid.cross_attention(q, k, v, attn_bias=bias, select=[5, 6], backend="triton")
+        assert torch.equal(out2, out) and torch.equal(maps2, maps)
