@@ -7,6 +7,7 @@ on it. Timers return a :class:`Timing` (median and inter-quartile range in milli
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -237,7 +238,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> Optional[
         return None
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = time_cuda(lambda: dst.copy_(src))
+    t = time_cuda(functools.partial(dst.copy_, src))
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -60,6 +60,15 @@ def _load_reference():
 # ------------------------------------------------------------------------------------------------
 # implementations
 # ------------------------------------------------------------------------------------------------
+def _short_error(exc: BaseException) -> str:
+    """One line for the report. semfid's dispatcher errors keep their per-backend reasons only
+    (their second line is a long summary of the inputs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if "cannot run them:" in line]
+    text = "; ".join(reasons) if reasons else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def semfid_implementation(backend: str) -> Implementation:
     """semfid's public ops with ``backend=`` fixed; named ``semfid`` for auto, ``semfid_<b>`` else."""
     import semfid
@@ -85,9 +94,8 @@ def semfid_implementation(backend: str) -> Implementation:
                                    head_reduce="mean")
         try:
             select_backend(inp, backend)
-        except ValueError as exc:  # keep the per-backend reasons, not the input summary
-            lines = str(exc).splitlines()
-            return "; ".join(line.strip() for line in lines[2:]) or lines[0]
+        except ValueError as exc:
+            return _short_error(exc)
         return None
 
     name = "semfid" if backend == "auto" else f"semfid_{backend}"
@@ -255,7 +263,7 @@ def check_implementation(impl: Implementation, mode: str, device: torch.device, 
     except AssertionError as exc:
         return f"wrong result: {exc}"
     except Exception as exc:  # noqa: BLE001 - any failure disqualifies the implementation
-        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"failed: {_short_error(exc)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +295,10 @@ def run_benchmarks(cases: List[XattnShape], batches: List[int], modes: List[str]
     skipped: Dict[str, str] = {}
     runnable: List[Tuple[Implementation, str]] = []
     for impl in impls:
-        reason = impl.unavailable(device, dtype)
+        try:
+            reason = impl.unavailable(device, dtype)
+        except Exception as exc:  # noqa: BLE001 - a broken probe makes the implementation unavailable
+            reason = _short_error(exc)
         for mode in modes:
             if impl.function(mode) is None:
                 continue
@@ -307,8 +318,19 @@ def run_benchmarks(cases: List[XattnShape], batches: List[int], modes: List[str]
 
     groups = [(case, batch, mode) for case in cases for batch in batches for mode in modes]
     results: List[Result] = []
-    inputs_key, x = None, None
     bar = progress(groups, desc="attn_speed", enabled=show_progress)
+    try:
+        _time_groups(bar, runnable, skipped, results, device, dtype, budget_s=budget_s,
+                     compile_budget_s=compile_budget_s, copy_gbs=copy_gbs, rep_ms=rep_ms)
+    except KeyboardInterrupt:  # Ctrl-C or `timeout` (SIGTERM, see main): keep what was measured
+        log("interrupted: reporting the measurements taken so far")
+        skipped["everything/remaining cases"] = "not run: interrupted"
+    return results, skipped
+
+
+def _time_groups(bar, runnable, skipped, results, device, dtype, *, budget_s, compile_budget_s,
+                 copy_gbs, rep_ms) -> None:
+    inputs_key, x = None, None
     for case, batch, mode in bar:
         bar.set_postfix_str(f"{case.name} B={batch} {mode}")
         if inputs_key != (case.name, batch):
@@ -338,7 +360,7 @@ def run_benchmarks(cases: List[XattnShape], batches: List[int], modes: List[str]
                     compile_budget_s -= time.perf_counter() - t0
                 calls[impl.name] = (impl, call)
             except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-                skipped[f"{key} {case.name} B={batch}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+                skipped[f"{key} {case.name} B={batch}"] = f"failed: {_short_error(exc)}"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if not calls:
@@ -352,10 +374,9 @@ def run_benchmarks(cases: List[XattnShape], batches: List[int], modes: List[str]
         for name, (impl, call) in calls.items():
             saved = None
             if mode == "subject_fwd_bwd":
-                with SavedBytes() as counter:
-                    graph = impl.subject(x.q, x.k, x.v, x.k_ref, x.tokens, x.scale)
+                with SavedBytes() as counter:  # counts at save time; the graph is dropped after
+                    impl.subject(x.q, x.k, x.v, x.k_ref, x.tokens, x.scale)
                 saved = counter.mib
-                del graph
             peak = peak_memory_mib(call, device)
             timing = timings[name]
             gbps = pct = None
@@ -365,7 +386,6 @@ def run_benchmarks(cases: List[XattnShape], batches: List[int], modes: List[str]
                 pct = 100 * gbps / copy_gbs if copy_gbs else None
             results.append(Result(case, name, mode, batch, timing.median_ms, timing.iqr_ms,
                                   saved, peak, gbps, pct))
-    return results, skipped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,6 +506,36 @@ def records(results: List[Result], device: torch.device, dtype: torch.dtype, env
     return recs
 
 
+def markdown(recs: List[dict]) -> str:
+    """The records as a README-ready table per mode: ms (median) per implementation and semfid's
+    speedup over eager, every number labelled with device, machine, date and load."""
+    lines: List[str] = []
+    first = recs[0] if recs else None
+    if first is None:
+        return ""
+    machine = first["machine"] if first["device"] == "cpu" else f"GPU: {first['machine']}"
+    label = (f"{machine}, {first['dtype']}, torch {first['torch']}, "
+             f"{first['date_utc']}, load average {first.get('load_avg_1m')} at start")
+    impls = list(dict.fromkeys(r["impl"] for r in recs))
+    for mode in MODES:
+        rows = [r for r in recs if r["mode"] == mode]
+        if not rows:
+            continue
+        names = [n for n in impls if any(r["impl"] == n for r in rows)]
+        idx = {(r["case"], r["batch"], r["impl"]): r for r in rows}
+        keys = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
+        lines += [f"\n**{mode}**, ms (median of a warmed-up loop; IQR in the JSON). {label}\n",
+                  "| case | B | " + " | ".join(names) + " | semfid vs eager |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for case, batch in keys:
+            cells = [f"{idx[(case, batch, n)]['ms_median']:.2f}" if (case, batch, n) in idx else "-"
+                     for n in names]
+            ours, eager = idx.get((case, batch, "semfid")), idx.get((case, batch, "eager"))
+            ratio = f"{eager['ms_median'] / ours['ms_median']:.2f}x" if ours and eager else "-"
+            lines.append(f"| {SHAPES_BY_NAME[case].label} | {batch} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def plot(results: List[Result], path: str, title: str) -> Optional[str]:
     """Grouped bar chart of semfid's speedup over each baseline; returns an error string or None."""
     try:
@@ -550,10 +600,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPU: milliseconds of timed repetitions per measurement (do_bench's rep)")
     p.add_argument("--compile-budget-s", type=float, default=180.0,
                    help="stop timing eager_compiled once its compilations took this long")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads (default: torch's choice). On a machine shared "
+                        "with other jobs, 1 thread avoids OpenMP barriers waiting on descheduled threads")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of speedups here")
+    p.add_argument("--markdown", default=None, help="write README-ready markdown tables here")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None) -> int:
@@ -563,6 +621,8 @@ def main(argv=None) -> int:
         print("error: --device cuda, but this torch sees no CUDA GPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     quick = args.quick or (device.type != "cuda" and not args.full)
     notes = []
     if quick and not args.quick:
@@ -585,6 +645,8 @@ def main(argv=None) -> int:
         impls = [i for i in impls if i.name != "eager_compiled"]
         notes.append("--quick leaves out eager_compiled (compile time); name it with --impl to include it")
 
+    # `timeout` sends SIGTERM: turn it into KeyboardInterrupt so the results so far are reported.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     env = environment(device)
     print("semfid attn_speed: cross-attention of SD1.5 (512 px) and SDXL (1024 px), 77 text tokens, "
           f"{NUM_MAP_TOKENS} map tokens")
@@ -601,6 +663,7 @@ def main(argv=None) -> int:
         cases, batches, args.modes, impls, device, dtype, budget_s=budget_s,
         compile_budget_s=args.compile_budget_s, copy_gbs=copy_gbs, rep_ms=args.rep_ms,
         show_progress=not args.no_progress)
+    signal.signal(signal.SIGTERM, previous_handler)
     print(report(results, skipped, [i.name for i in impls], args.modes, device))
     print(f"\n{len(results)} measurements in {time.perf_counter() - t0:.1f} s")
 
@@ -608,6 +671,10 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(records(results, device, dtype, env), f, indent=1)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(records(results, device, dtype, env)) + "\n")
+        print(f"wrote {args.markdown}")
     if args.plot:
         where = env.get("gpu") or f"CPU {env['cpu']}"
         problem = plot(results, args.plot,

@@ -11,7 +11,9 @@
 #   4. copy bandwidth (the roofline attn_speed reports against)
 #   5. benchmarks/attn_speed.py: every SD1.5/SDXL cross-attention shape, batch 2 and 8, fp16
 #   6. benchmarks/train_step.py (needs diffusers: wheels in $SEMFID_WHEELS, benchmarks/wheels/ or
-#      .whl/ are installed with --no-index first; without them the step is skipped, saying so)
+#      .whl/ are installed with --no-index first; without them the step is skipped, saying so).
+#      The GPU image lacks only diffusers and importlib_metadata; fetch them where pip has network:
+#        python3 -m pip download --no-deps -d benchmarks/wheels diffusers==0.42.1 importlib_metadata
 #   7. a short summary table (also $OUT/summary.txt)
 #
 # GPU_CHECK_SKIP_INSTALL=1 skips step 2 (semfid already installed); GPU_CHECK_BUDGET_S changes the

@@ -351,6 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (interleaved)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p.parse_args(argv)
 
@@ -358,11 +359,15 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        import diffusers  # noqa: F401
+        import diffusers
+
         import semfid.diffusers  # noqa: F401
     except ImportError as exc:
         print(f"train_step skipped: {exc} (pip install 'semfid[diffusers]')")
         return 3
+    diffusers.utils.logging.set_verbosity_error()  # its fp16-cast advice is about from_pretrained
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but this torch sees no CUDA GPU", file=sys.stderr)

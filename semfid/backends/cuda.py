@@ -14,7 +14,8 @@ the fake implementations in :mod:`semfid.ops` (``out`` contiguous, ``dq`` like `
 
 from __future__ import annotations
 
-from typing import List
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -24,6 +25,20 @@ from . import register_backend
 from .base import BackendBase, BackwardResult, ForwardResult
 
 SUPPORTED_HEAD_DIMS = (40, 64, 80, 128, 160)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> Tuple[Tuple[int, int], Optional[int]]:
+    """(compute capability, max dynamic shared memory per block) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), getattr(props, "shared_memory_per_block_optin", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_needed(head_dim: int, num_keys: int, backward: bool) -> int:
+    """Largest shared memory one block of the kernels of a pass asks for (semfid_C::smem_bytes)."""
+    kernels = ("fwd", "bwd_dq", "bwd_dkdv") if backward else ("fwd",)
+    return max(int(torch.ops.semfid_C.smem_bytes(k, head_dim, num_keys)) for k in kernels)
 
 
 @register_backend
@@ -55,7 +70,27 @@ class CudaBackend(BackendBase):
             reasons.append(f"head_dim={inp.head_dim} (supported: {list(SUPPORTED_HEAD_DIMS)})")
         if inp.v is not None and inp.value_dim != inp.head_dim:
             reasons.append(f"value_dim={inp.value_dim} != head_dim={inp.head_dim}")
+        if not reasons and inp.device.type == "cuda":
+            reasons.extend(cls._device_reasons(inp))
         return reasons
+
+    @staticmethod
+    def _device_reasons(inp: XattnInputs) -> List[str]:
+        """The GPU itself: sm_80+ (mma.sync), and enough shared memory per block for these shapes
+        (e.g. sm_86 / sm_89 have 99 KiB, less than the head dim 160 backward needs)."""
+        if torch.compiler.is_compiling():
+            return []
+        index = inp.device.index if inp.device.index is not None else torch.cuda.current_device()
+        (major, minor), smem_limit = _device_limits(index)
+        if (major, minor) < (8, 0):
+            return [f"compute capability {major}.{minor} < 8.0 (the kernels use sm_80 tensor-core mma.sync)"]
+        backward = any(t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v))
+        needed = _smem_needed(inp.head_dim, inp.num_keys, backward)
+        if smem_limit is not None and needed > smem_limit:
+            what = "forward + backward" if backward else "forward"
+            return [f"{what} needs {needed} bytes of shared memory per block for head_dim={inp.head_dim}, "
+                    f"num_keys={inp.num_keys}; this GPU allows {smem_limit}"]
+        return []
 
     @staticmethod
     def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:

@@ -33,8 +33,15 @@ Limits:
 * Wrapping the *whole* UNet call in ``torch.utils.checkpoint`` (instead of
   ``unet.enable_gradient_checkpointing()``) re-runs the hook during backward, outside the block:
   don't.
-* ``torch.compile``: the hook and the per-call state are Python objects; Dynamo graph-breaks at the
-  hook and guards on the state, so a compiled UNet recompiles when requests change (see the README).
+* ``torch.compile`` (checked with torch 2.13, ``backend="aot_eager"``): with no block active a
+  compiled UNet with semfid processors is one graph with no breaks (the processors run SDPA). With
+  a block active, Dynamo traces the pre-hook and the per-call state (no break there: the token
+  range check uses Python ints stored at block entry) but guards on that state, so new requests
+  recompile; and each cross-attention layer that records maps currently graph-breaks inside
+  :mod:`semfid.ops`' backend selection (``semfid.backends.cuda.unavailable_reason`` →
+  ``importlib.import_module``), which also splits the surrounding diffusers frames and makes the
+  processor frame recompile per layer until ``torch._dynamo.config.recompile_limit`` is hit (then
+  that frame runs eagerly). Results stay correct; the fused custom ops themselves trace cleanly.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -178,14 +185,17 @@ class SubjectLossRecorder:
 class _Frame:
     """One active ``with`` block: validated requests, immutable once pushed (except the recorder)."""
 
-    __slots__ = ("kind", "layers", "tokens", "ref_tokens", "head_reduce", "reference_states",
-                 "ref_bias", "value_states", "recorder", "__weakref__")
+    __slots__ = ("kind", "layers", "tokens", "tokens_max", "ref_tokens", "head_reduce",
+                 "reference_states", "ref_bias", "value_states", "recorder", "__weakref__")
 
     def __init__(self, kind, layers, tokens=None, ref_tokens=None, head_reduce="mean",
                  reference_states=None, ref_bias=None, value_states=None, recorder=None):
         self.kind = kind
         self.layers = frozenset(layers)
         self.tokens = tokens
+        # a Python int, so the per-call range check needs no tensor op (no host sync, and no
+        # torch.compile graph break in the pre-hook)
+        self.tokens_max = int(tokens.max()) if tokens is not None else None
         self.ref_tokens = ref_tokens
         self.head_reduce = head_reduce
         self.reference_states = reference_states
@@ -292,8 +302,7 @@ def _tokens_tensor(tokens: TokensLike, arg: str) -> Tensor:
     return t
 
 
-def _check_token_range(t: Tensor, length: int, arg: str, states_arg: str) -> None:
-    hi = int(t.max())
+def _check_token_range(hi: int, length: int, arg: str, states_arg: str) -> None:
     if hi >= length:
         raise ValueError(
             f"{arg} must index the {length} text tokens of {states_arg} (0 ... {length - 1}), "
@@ -547,7 +556,7 @@ class SemfidController:
         b, m = ehs.shape[0], ehs.shape[1]
         if f.tokens is not None:
             _check_rows(f.tokens, b, "tokens")
-            _check_token_range(f.tokens, m, "tokens", "encoder_hidden_states")
+            _check_token_range(f.tokens_max, m, "tokens", "encoder_hidden_states")
         if f.ref_tokens is not None:
             _check_rows(f.ref_tokens, b, "ref_tokens")
         if f.reference_states is not None:
@@ -672,7 +681,7 @@ class SemfidController:
             raise ValueError("reference_states must be the reference prompt's text states [B, M_ref, C], got None")
         refs = self._states(reference_states, "reference_states", chosen, self._k_width, required_for_all=True)
         for states in (refs.values() if isinstance(refs, dict) else (refs,)):
-            _check_token_range(rt, states.shape[1], "ref_tokens" if ref_tokens is not None else "tokens",
+            _check_token_range(int(rt.max()), states.shape[1], "ref_tokens" if ref_tokens is not None else "tokens",
                                "reference_states")
         vals = self._states(value_states, "value_states", chosen, self._v_width, required_for_all=False)
         ref_bias = None
@@ -711,6 +720,16 @@ class SemfidController:
             raise ValueError("value_states must be a tensor [B, M, C] or a {layer name: tensor} dict, got None")
         vals = self._states(value_states, "value_states", self.layers, self._v_width, required_for_all=False)
         return _Block(self, _Frame("values", self.layers, value_states=vals), None)
+
+    def __deepcopy__(self, memo):
+        # Reached through the UNet's forward pre-hook when an installed UNet is deep-copied (EMA
+        # copies, ...). A copy sharing this controller would record into its blocks; a copy of the
+        # controller would need new hooks and thread-local state. Neither is what a caller
+        # expects silently, so say what to do instead.
+        raise TypeError(
+            "cannot deepcopy a UNet while semfid processors are installed on it: copy it before "
+            "semfid.diffusers.install(), or call ctl.uninstall() first and install on each copy"
+        )
 
     def __repr__(self) -> str:
         return (f"SemfidController(layers={len(self.layers)}/{len(self.cross_attention_layers)}, "

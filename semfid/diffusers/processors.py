@@ -22,6 +22,9 @@ puts into ``cross_attention_kwargs`` under the key ``semfid_call`` (a named para
 :meth:`SemfidAttnProcessor.__call__`, so diffusers forwards it). Because the state travels with the
 call, gradient checkpointing's recompute during backward sees exactly what the forward saw, even
 after the ``with`` block has exited.
+
+``torch.compile``: the SDPA path has no graph break; a layer that records maps breaks the graph in
+semfid's backend selection (see :mod:`semfid.diffusers.controller`, "Limits").
 """
 
 from __future__ import annotations

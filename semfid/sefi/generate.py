@@ -61,7 +61,13 @@ class GeneratedImage:
 # checks
 # ------------------------------------------------------------------------------------------------
 def check_subjects(subjects: Sequence[LearnedSubject], dims: dict) -> None:
-    r"""Raise :class:`SefiInputError` if subjects collide or do not fit the pipeline ``dims``."""
+    r"""Raise :class:`SefiInputError` if subjects collide or do not fit the pipeline.
+
+    Args:
+        subjects (`Sequence[LearnedSubject]`): the loaded embeddings.
+        dims (`dict`): :func:`~semfid.sefi.io.model_dims` of the pipeline; without ``token_widths``
+            only the model kind is compared.
+    """
     seen: Dict[str, str] = {}
     for s in subjects:
         for other, source in seen.items():
@@ -75,6 +81,8 @@ def check_subjects(subjects: Sequence[LearnedSubject], dims: dict) -> None:
         if s.kind != dims["kind"]:
             raise SefiInputError(f"embeddings {s.source} were trained on a {s.kind} model, the pipeline is "
                                  f"{dims['kind']}")
+        if "token_widths" not in dims:
+            continue
         if s.token_widths != dims["token_widths"] or s.cross_attention_dim != dims["cross_attention_dim"]:
             raise SefiInputError(
                 f"embeddings {s.source} have token width(s) {s.token_widths} for cross-attention width "
@@ -395,8 +403,7 @@ def generate(model: PathLike, embeddings: Sequence[PathLike], prompts: Sequence[
         raise SefiInputError(f"--resolution must be a positive multiple of 8, got {resolution}")
     subjects = [io.load_learned(e) for e in embeddings]
     placeholders = [s.placeholder for s in subjects]
-    check_subjects(subjects, {"kind": io.detect_kind(model), "token_widths": subjects[0].token_widths,
-                              "cross_attention_dim": subjects[0].cross_attention_dim})
+    check_subjects(subjects, {"kind": io.detect_kind(model)})  # widths once the model is loaded
     check_prompts(prompts, placeholders)
     if output is not None:
         out = Path(output)
