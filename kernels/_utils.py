@@ -92,9 +92,9 @@ def query_bucket(num_queries: int) -> int:
 
 # ---- autotuning ---------------------------------------------------------------------------------
 # Cross-attention over <= 256 keys is memory-bound: a program's tile is BLOCK_M queries x all keys.
-# Meant for A100 (sm_80) and H100/H200 (sm_90). num_stages is 1: the head-dim chunk loops are
-# unrolled (static_range), so there is no long loop to software-pipeline, and one stage keeps
-# registers and shared memory for the [BLOCK_M, BLOCK_N] tiles.
+# Meant for A100 (sm_80) and H100/H200 (sm_90). num_stages is 1: the loops are short (<= 16
+# head-dim chunks, H heads, a few row tiles), and one stage leaves registers and shared memory to
+# the [BLOCK_M, BLOCK_N] tiles (not yet measured on a GPU against 2 stages).
 _CONFIG_SPACE = [(block_m, warps) for block_m in (32, 64, 128) for warps in (4, 8)]
 
 

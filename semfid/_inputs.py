@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,6 +32,11 @@ SelectLike = Union[torch.Tensor, Sequence[int], None]
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of lse, maps and loss: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shapes(named: Sequence[Tuple[str, torch.Tensor]]) -> str:
+    """"q: shape=... dtype=... device=..., k: ..." for error messages (built only on error)."""
+    return ", ".join(f"{name}: {_describe(t)}" for name, t in named)
 
 
 def _describe(t: Optional[torch.Tensor]) -> str:
@@ -145,29 +150,28 @@ class XattnInputs:
                     f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
                 )
         tensors = [(q_name, q), (k_name, k)] + ([(v_name, v)] if v is not None else [])
-        shapes = ", ".join(f"{n}: {_describe(t)}" for n, t in tensors)
         for name, t in tensors[1:]:
             if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have the dtype of {q_name} ({q.dtype}); got {shapes}")
+                raise TypeError(f"{name} must have the dtype of {q_name} ({q.dtype}); got {_shapes(tensors)}")
             if t.device != q.device:
-                raise ValueError(f"{name} must be on the device of {q_name} ({q.device}); got {shapes}")
+                raise ValueError(f"{name} must be on the device of {q_name} ({q.device}); got {_shapes(tensors)}")
         B, H, N, D = q.shape
         if k.shape[0] != B or k.shape[1] != H:
-            raise ValueError(f"{k_name} must have batch {B} and {H} heads like {q_name}; got {shapes}")
+            raise ValueError(f"{k_name} must have batch {B} and {H} heads like {q_name}; got {_shapes(tensors)}")
         if k.shape[3] != D:
-            raise ValueError(f"{k_name} must have head dim {D} like {q_name}; got {shapes}")
+            raise ValueError(f"{k_name} must have head dim {D} like {q_name}; got {_shapes(tensors)}")
         M = k.shape[2]
         if M == 0:
-            raise ValueError(f"{k_name} must hold at least one key (M >= 1); got {shapes}")
+            raise ValueError(f"{k_name} must hold at least one key (M >= 1); got {_shapes(tensors)}")
         if D == 0:
-            raise ValueError(f"{q_name} must have a head dim >= 1; got {shapes}")
+            raise ValueError(f"{q_name} must have a head dim >= 1; got {_shapes(tensors)}")
         if v is not None:
             if v.shape[:3] != k.shape[:3]:
                 raise ValueError(
-                    f"{v_name} must be [B, H, M, Dv] with B, H, M of {k_name}; got {shapes}"
+                    f"{v_name} must be [B, H, M, Dv] with B, H, M of {k_name}; got {_shapes(tensors)}"
                 )
             if v.shape[3] == 0:
-                raise ValueError(f"{v_name} must have a value dim >= 1; got {shapes}")
+                raise ValueError(f"{v_name} must have a value dim >= 1; got {_shapes(tensors)}")
 
         if scale is None:
             scale_f = D ** -0.5

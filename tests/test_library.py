@@ -70,3 +70,25 @@ def test_torch_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(val_c, val_e)
     for a, b in zip(leaves_c[:3], leaves_e[:3]):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process():
+    """The first semfid call ever made may happen while Dynamo traces: backend availability
+    (which imports triton / semfid._C) must not break the graph."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, semfid
+        def step(q, k, v):
+            out, maps = semfid.cross_attention(q, k, v, select=[1, 3])
+            return out.sum() + maps.sum()
+        x = [torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3)]
+        torch.compile(step, fullgraph=True, backend="aot_eager")(*x).backward()
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

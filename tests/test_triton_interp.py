@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -51,7 +52,9 @@ def test_interpreter_suite():
     )
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, f"interpreter suite failed:\n{tail}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, tail
+    passed = re.search(r"(\d+) passed", res.stdout)
+    # every case of this file must have run in the child (none skipped there but the parent's two)
+    assert passed and int(passed.group(1)) >= 46 and " failed" not in res.stdout, tail
 
 
 def test_cpu_without_interpreter_is_refused_with_reasons():

@@ -34,6 +34,16 @@ ForwardResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 BackwardResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@torch.compiler.assume_constant_result
+def _unavailable_reason_of(cls: type) -> Optional[str]:
+    """``cls.unavailable_reason()``, evaluated eagerly even under ``torch.compile``.
+
+    Availability imports packages (triton, ``semfid._C``) the first time it is asked; Dynamo would
+    otherwise trace that import and break the graph. The answer cannot change within a process.
+    """
+    return cls.unavailable_reason()
+
+
 def empty_forward_outputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,7 +107,7 @@ class BackendBase:
     def not_supported_reasons(cls, inp: XattnInputs) -> List[str]:
         """Every reason this backend cannot run ``inp``; an empty list means it can."""
         reasons: List[str] = []
-        missing = cls.unavailable_reason()
+        missing = _unavailable_reason_of(cls)
         if missing is not None:
             reasons.append(missing)
         if inp.device.type not in cls.SUPPORTED_DEVICES:

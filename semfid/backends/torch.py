@@ -2,7 +2,8 @@
 
 Forward and backward walk the queries in chunks, so the largest temporary is one
 [B, H, chunk, M] block of probabilities (≈2 MiB) and nothing of size [B, H, N, M] is ever kept:
-backward recomputes P from q, k and the saved lse. Chunks are computed in float32 (float64 for
+backward recomputes P from q and k (this backend does not need the saved lse, which it still
+writes for the shared contract). Chunks are computed in float32 (float64 for
 float64 inputs), so half-precision inputs get fp32 softmax and accumulation.
 
 Backward per chunk (P recomputed, G = map gradient scattered onto the selected columns)::
@@ -72,6 +73,20 @@ class _Operands:
         s = torch.matmul(qc.to(self.acc), self.k_t_scaled)
         return s.add_(self.bias) if self.bias is not None else s
 
+    def softmax(self, s: torch.Tensor) -> torch.Tensor:
+        """P = softmax(s) over the keys, 0 on fully masked rows."""
+        p = torch.softmax(s, dim=-1)
+        return p.masked_fill_(self.dead_rows, 0.0) if self.dead_rows is not None else p
+
+    def probabilities(self, qc: torch.Tensor) -> torch.Tensor:
+        """P of a query chunk [B, H, c, M].
+
+        Backward recomputes P with the forward's own fused softmax rather than as exp(logit − lse):
+        as cheap (one pass), and bit-identical to the forward, whereas an fp32 lse of a row padded
+        with −10000 is only good to ~5e-4 and would make P that much off.
+        """
+        return self.softmax(self.logits(qc))
+
 
 @register_backend
 class TorchBackend(BackendBase):
@@ -95,12 +110,11 @@ class TorchBackend(BackendBase):
         out, lse, maps = empty_forward_outputs(q, k, v, select, mean_heads)
         for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
             s = ops.logits(q[:, :, rows])
-            p = torch.softmax(s, dim=-1)
+            p = ops.softmax(s)
             # lse = max logit − log(max probability): both maxima sit on the same key, and
             # p_max ≥ 1/M, so the log is exact to float rounding (no separate logsumexp pass).
             row_lse = s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
             if ops.dead_rows is not None:
-                p = p.masked_fill_(ops.dead_rows, 0.0)
                 row_lse = row_lse.masked_fill_(ops.dead_rows[..., 0], float("inf"))
             lse[:, :, rows] = row_lse
             if ops.v is not None:
@@ -123,8 +137,7 @@ class TorchBackend(BackendBase):
 
         for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
             qc = q[:, :, rows].to(ops.acc)
-            # exp(logit − lse) recomputes P; lse = +inf makes fully masked rows 0.
-            p = ops.logits(qc).sub_(lse[:, :, rows, None]).exp_()
+            p = ops.probabilities(qc)
             if has_dout:
                 do_c = dout[:, :, rows].to(ops.acc)
                 dp = torch.matmul(do_c, ops.v.transpose(-1, -2))
