@@ -18,6 +18,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from semfid.profiling import SavedBytes  # noqa: F401  (re-exported for attn_speed)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MIB = float(1 << 20)
@@ -177,46 +179,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, budget_s: float =
 # ------------------------------------------------------------------------------------------------
 # Memory
 # ------------------------------------------------------------------------------------------------
-class SavedBytes:
-    """Context manager counting the bytes autograd keeps for backward inside it.
-
-    Every tensor packed by autograd is recorded by its storage; a storage shared by several saved
-    tensors (views, the same input saved twice) counts once, at its full size, since the whole
-    storage stays alive. Inputs saved for backward count too (they are kept alive by the graph).
-    """
-
-    def __init__(self) -> None:
-        self._storages = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-            self._storages[(t.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
-            self._storages[("id", id(t))] = t.numel() * t.element_size()
-        return t
-
-    @staticmethod
-    def _unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def __enter__(self) -> "SavedBytes":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(self._storages.values()))
-
-    @property
-    def mib(self) -> float:
-        return self.nbytes / MIB
-
-
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     """Peak CUDA memory allocated during one ``fn()`` beyond what was allocated before; None on CPU."""
     if device.type != "cuda":

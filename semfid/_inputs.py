@@ -233,9 +233,11 @@ def _normalize_select(
         if sel.is_floating_point() or sel.is_complex() or sel.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer key indices (int64), got dtype {sel.dtype}")
     elif isinstance(select, (list, tuple)):
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in
-                   (x for row in select for x in (row if isinstance(row, (list, tuple)) else [row]))):
+        flat = [x for row in select for x in (row if isinstance(row, (list, tuple)) else [row])]
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in flat):
             raise TypeError(f"{name} must hold integer key indices, got {select!r}")
+        if flat:  # range checked on the Python ints: no tensor reduction, no device sync
+            _check_range(name, min(flat), max(flat), M)
         sel = torch.tensor(select, dtype=torch.int64)
     else:
         raise TypeError(
@@ -247,15 +249,20 @@ def _normalize_select(
         raise ValueError(f"{name} must have one row per batch item ([B={B}, S]), got {tuple(sel.shape)}")
     if sel.shape[-1] == 0:
         raise ValueError(f"{name} must select at least one key, got shape {tuple(sel.shape)}")
-    if not _is_tracing(sel) and sel.numel() > 0:
+    if isinstance(select, torch.Tensor) and not _is_tracing(sel) and sel.numel() > 0:
         # One host sync when select lives on a GPU; pass a list or a CPU tensor to avoid it.
-        lo, hi = int(sel.min()), int(sel.max())
-        if lo < 0 or hi >= M:
-            raise IndexError(f"{name} indices must lie in [0, {M}) (M = number of keys), got min {lo}, max {hi}")
+        _check_range(name, int(sel.min()), int(sel.max()), M)
     sel = sel.to(device=device, dtype=torch.int64, non_blocking=True)
     if sel.dim() == 1:
         sel = sel.unsqueeze(0).expand(B, -1)
     return sel
+
+
+def _check_range(name: str, lo: int, hi: int, M: int) -> None:
+    if lo < 0 or hi >= M:
+        raise IndexError(
+            f"{name} indices must lie in [0, {M}) (M = number of keys), got min {lo}, max {hi}"
+        )
 
 
 def _is_tracing(t: torch.Tensor) -> bool:

@@ -90,13 +90,15 @@ def select_backend(inp: XattnInputs, backend: str = "auto") -> Type[BackendBase]
                 stacklevel=3,
             )
 
+    for cls in candidates:
+        # Cheap test first: most backends are not validated for auto on most devices.
+        if inp.device.type in cls.AUTO_DEVICES and not cls.not_supported_reasons(inp):
+            return cls
     table: Dict[str, List[str]] = {}
     for cls in candidates:
         reasons = cls.not_supported_reasons(inp)
         if inp.device.type not in cls.AUTO_DEVICES:
             reasons = reasons + [f"not validated on {inp.device.type} (use backend={cls.NAME!r})"]
-        if not reasons:
-            return cls
         table[cls.NAME] = reasons
     raise ValueError("no semfid backend can run these inputs\n" + _format_reasons(inp, table))
 
