@@ -68,7 +68,8 @@ def head_dim_block(head_dim: int, max_block: int = 128) -> int:
     Picks the chunk that pads least, then the fewest chunks: 40 -> 3 x 16 (48), 64 -> 1 x 64,
     80 -> 5 x 16 (80), 160 -> 5 x 32 (160, not 256), 256 -> 2 x 128, 8 -> 1 x 16.
     Chunks of >= 16 keep every ``tl.dot`` at its minimum K/N of 16. ``max_block`` caps the chunk
-    (the backward's dK/dV tiles are [BLOCK_N, BLOCK_D] fp32, so it uses at most 32).
+    (see :func:`max_head_dim_block`: 32 in the backward, whose dK/dV tiles are [BLOCK_N, BLOCK_D]
+    fp32; 16 for fp32 inputs).
     """
     best, best_cost = 16, None
     for block in (16, 32, 64, 128):
@@ -95,61 +96,122 @@ def query_bucket(num_queries: int) -> int:
 # Meant for A100 (sm_80) and H100/H200 (sm_90). num_stages is 1: the loops are short (<= 16
 # head-dim chunks, H heads, a few row tiles), and one stage leaves registers and shared memory to
 # the [BLOCK_M, BLOCK_N] tiles (not yet measured on a GPU against 2 stages).
+#
+# Invariant: the configs a launch may run are exactly ``prune(autotune_configs(), args)`` below;
+# ``python -m semfid.info --compile-check`` enumerates them through the same function
+# (:func:`candidate_configs`), so every config the autotuner can pick for the SD shapes is compiled
+# for sm_80/sm_90 and checked for register spills.
 _CONFIG_SPACE = [(block_m, warps) for block_m in (32, 64, 128) for warps in (4, 8)]
 
 
-def keep(block_m: int, warps: int) -> bool:
-    """Static filter of the config space: 8 warps only pay off on 64+ row tiles."""
-    return not (block_m == 32 and warps == 8)
-
-
 def autotune_configs() -> List[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1)
-        for (m, w) in _CONFIG_SPACE
-        if keep(m, w)
-    ]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for (m, w) in _CONFIG_SPACE]
 
 
-#: fp32 registers per thread one [BLOCK_M, BLOCK_N] tile may take. The compile check (fp16, M=77,
-#: sm_80/sm_90) showed 64 per tile spilling in the forward at head dims 40 and 160 and in the
-#: backward (which holds P and dS), while 32 compiled without spills.
-FWD_TILE_REGS = 32
-BWD_TILE_REGS = 32
+#: fp32 registers per thread one [BLOCK_M, BLOCK_N] fp32 tile may take (BLOCK_M * BLOCK_N / threads).
+#: The compile check (77 keys, SD head dims, sm_80/sm_90) measured: fp16/bf16 tiles of 64 spill in
+#: the forward (head dims 40, 160) and the backward (which holds P and dS); 32 do not. fp32 inputs
+#: take tl.dot on FMA units with operands in registers: their backward spills at 32 per tile
+#: (32 rows x 4 warps: ~500 B; 64 x 8: up to 208 B), 16 (32 rows x 8 warps) does not.
+TILE_REGS = {torch.float16: 32, torch.bfloat16: 32, torch.float32: 16}
 #: Largest head-dim chunk of the backward: its dK/dV partial tiles are [BLOCK_N, BLOCK_D] fp32.
 BWD_MAX_BLOCK_D = 32
+#: Largest head-dim chunk for fp32 inputs (both directions). Their ``tl.dot`` is exact fp32
+#: ("ieee"), which runs on FMA units with both operands held in registers ([BLOCK_M, BLOCK_D] and
+#: [BLOCK_D, BLOCK_N] per thread slice): the compile check showed chunks of 32..128 spilling
+#: (up to ~11 KB at 64/128), chunks of 16 not.
+FP32_MAX_BLOCK_D = 16
 
 
-def fits(block_m: int, warps: int, block_n: int, n_bucket: int, tile_regs: int) -> bool:
-    """Can this tile run the shape well: no taller than the queries (32 rows minimum), and one fp32
-    [BLOCK_M, BLOCK_N] tile costs at most ``tile_regs`` registers per thread."""
+def max_head_dim_block(dtype: torch.dtype, backward: bool) -> int:
+    """``max_block`` of :func:`head_dim_block` for a kernel direction and input dtype."""
+    if dtype == torch.float32:
+        return FP32_MAX_BLOCK_D
+    return BWD_MAX_BLOCK_D if backward else 128
+
+
+def tile_regs(block_m: int, warps: int, block_n: int) -> int:
+    """Registers per thread of one fp32 [BLOCK_M, BLOCK_N] tile spread over ``warps`` warps."""
+    return block_m * block_n // (32 * warps)
+
+
+def fits(block_m: int, warps: int, block_n: int, n_bucket: int, dtype: torch.dtype) -> bool:
+    """Can this tile run the shape well:
+
+    * no taller than the queries (32 rows minimum);
+    * one fp32 [BLOCK_M, BLOCK_N] tile costs at most ``TILE_REGS[dtype]`` registers per thread;
+    * 8 warps on 32 rows only where 4 warps exceed that budget (fp32, or 256 keys): otherwise
+      64 rows x 8 warps has the same per-thread cost with half the programs.
+    """
     if block_m > max(32, n_bucket):
         return False
-    return block_m * block_n // (32 * warps) <= tile_regs
+    budget = TILE_REGS[dtype]
+    if tile_regs(block_m, warps, block_n) > budget:
+        return False
+    return not (block_m == 32 and warps == 8 and tile_regs(32, 4, block_n) <= budget)
 
 
-def make_prune(tile_regs: int):
-    """``early_config_prune`` for a kernel whose tiles may take ``tile_regs`` registers each."""
-
-    def prune(configs, named_args, **kwargs):
-        args: Dict = {**named_args, **kwargs}
-        block_n, n_bucket = args["BLOCK_N"], args["N_BUCKET"]
-        kept = [c for c in configs
-                if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket, tile_regs)]
-        # The smallest tile (32 rows, 4 warps) is the fallback: never return an empty list.
-        return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 32][:1]
-
-    return prune
-
-
-prune_fwd_configs = make_prune(FWD_TILE_REGS)
-prune_bwd_configs = make_prune(BWD_TILE_REGS)
+#: Configs that pass :func:`fits` but that the compile check saw spill registers for one launch
+#: shape, on sm_80 or sm_90: (backward, dtype, HEAD_DIM, mode flags, (BLOCK_M, warps)). The mode flags
+#: are the launch's constexprs (forward: HAS_V, HAS_SEL, MEAN_HEADS; backward: HAS_DO, HAS_G); a
+#: shape matches when every listed flag has that value. Measured with 77 keys (BLOCK_N 128) and
+#: triton 3.9; the compile check re-verifies every config this filter lets through.
+SPILL_EXCLUSIONS = [
+    # fp32 maps-only forward (the reference pass), head dim 40: 128 regs + 24 B spill on sm_90.
+    (False, torch.float32, 40, dict(HAS_V=False), (32, 8)),
+    # Output-only backward (no map gradient) on sm_80, fp16 and bf16: head dim 64 at 32 x 4
+    # (255 regs + 8 B), head dim 256 at 64 x 8 (255 regs + 16 B).
+    *((True, dt, 64, dict(HAS_DO=True, HAS_G=False), (32, 4)) for dt in (torch.float16, torch.bfloat16)),
+    *((True, dt, 256, dict(HAS_DO=True, HAS_G=False), (64, 8)) for dt in (torch.float16, torch.bfloat16)),
+]
 
 
-def candidate_configs(block_n: int, n_bucket: int, backward: bool) -> List[triton.Config]:
-    """The configs the autotuner may pick for a shape (used by the compile check)."""
+def excluded(block_m: int, warps: int, args: Dict, backward: bool) -> bool:
+    """Whether :data:`SPILL_EXCLUSIONS` rules this config out for the launch ``args``."""
+    for bwd, dtype, head_dim, flags, config in SPILL_EXCLUSIONS:
+        if (bwd == backward and dtype == args["Q"].dtype and head_dim == args["HEAD_DIM"]
+                and config == (block_m, warps)
+                and all(bool(args[name]) == value for name, value in flags.items())):
+            return True
+    return False
+
+
+def _prune(configs: List[triton.Config], args: Dict, backward: bool) -> List[triton.Config]:
+    """The configs of ``configs`` the autotuner may run for a launch whose (named and constexpr)
+    arguments are ``args``: those that :func:`fits` and are not :func:`excluded`.
+
+    Never empty: with no such config, the one of the smallest per-thread tile (then fewest rows)
+    among the configs not excluded that are no taller than the queries (or 32 rows)."""
+    block_n, n_bucket, dtype = args["BLOCK_N"], args["N_BUCKET"], args["Q"].dtype
+
+    def allowed(c):
+        return not excluded(c.kwargs["BLOCK_M"], c.num_warps, args, backward)
+
+    kept = [c for c in configs
+            if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket, dtype) and allowed(c)]
+    if kept:
+        return kept
+    pool = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, n_bucket) and allowed(c)] or configs
+    smallest = min(pool, key=lambda c: (tile_regs(c.kwargs["BLOCK_M"], c.num_warps, block_n),
+                                        c.kwargs["BLOCK_M"]))
+    return [smallest]
+
+
+def prune_fwd_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the forward kernel (constexprs arrive as ``kwargs``)."""
+    return _prune(configs, {**named_args, **kwargs}, backward=False)
+
+
+def prune_bwd_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the backward kernel (constexprs arrive as ``kwargs``)."""
+    return _prune(configs, {**named_args, **kwargs}, backward=True)
+
+
+def candidate_configs(named_args: Dict, backward: bool) -> List[triton.Config]:
+    """The configs the autotuner may pick for one launch, given its positional arguments by name
+    plus its constexprs (as ``launch_args`` builds them); used by the compile check."""
     prune = prune_bwd_configs if backward else prune_fwd_configs
-    return prune(autotune_configs(), {"BLOCK_N": block_n, "N_BUCKET": n_bucket})
+    return prune(autotune_configs(), named_args)
 
 
 #: Fixed tile used under the interpreter (no autotuning there: it would time numpy).

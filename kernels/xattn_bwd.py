@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from ._utils import (
-    BWD_MAX_BLOCK_D,
     INTERPRETER_CONFIG,
     autotune_configs,
     backward_splits,
@@ -20,6 +19,7 @@ from ._utils import (
     head_dim_block,
     interpreting,
     key_block,
+    max_head_dim_block,
     mma,
     prune_bwd_configs,
     query_bucket,
@@ -123,10 +123,22 @@ def _xattn_bwd_kernel(
         l_i = tl.sum(p, axis=1)
         p = p / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
 
-        # dP and the softmax-backward row term delta.
-        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # dS = P ⊙ (dP − delta) with dP = dO·Vᵀ + scatter(G), built as
+        #     dS = P ⊙ (dO·Vᵀ − delta) + P ⊙ scatter(G)
+        # so that at most two [BLOCK_M, BLOCK_N] fp32 tiles are live at any point (P and dO·Vᵀ,
+        # then P and dS) and the maps-only pass (no dO) never materialises a dP tile at all: there
+        # dS starts as −P·delta and only the S selected columns are added.
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_G:
+            # delta += Σ_j G[:, j] · P[:, SEL[j]]  (= rowsum(P ⊙ scatter(G)); duplicates add up)
+            for j in range(NUM_SEL):
+                col = tl.load(SEL + off_b * stride_selb + j * stride_sels)
+                g_col = tl.load(g_ptr + offs_m * stride_gm + j * stride_gs, mask=m_mask, other=0.0)
+                g_col = g_col.to(tl.float32) * g_scale
+                delta += g_col * tl.sum(tl.where(offs_n[None, :] == col, p, 0.0), axis=1)
         if HAS_DO:
+            # dO·Vᵀ and delta += rowsum(dO ⊙ O)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for d0 in range(0, VALUE_DIM, BLOCK_DV):
                 d = d0 + offs_dv
                 d_mask = d < VALUE_DIM
@@ -139,18 +151,16 @@ def _xattn_bwd_kernel(
                             mask=n_mask[:, None] & d_mask[None, :], other=0.0)
                 dp = mma(do, tl.trans(v), dp, DOT_PRECISION, DOT_UPCAST)
                 delta += tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            ds = p * (dp - delta[:, None])
+        else:
+            ds = p * (-delta[:, None])
         if HAS_G:
-            # dP += scatter(G): column j of G lands on key SEL[j] (duplicates add up), and
-            # delta += G[:, j] · P[:, SEL[j]] (= rowsum(P ⊙ scatter(G))), one column at a time so no
-            # third [BLOCK_M, BLOCK_N] tile is live.
+            # dS += P ⊙ scatter(G): column j of G lands on key SEL[j], one column at a time.
             for j in range(NUM_SEL):
                 col = tl.load(SEL + off_b * stride_selb + j * stride_sels)
                 g_col = tl.load(g_ptr + offs_m * stride_gm + j * stride_gs, mask=m_mask, other=0.0)
                 g_col = g_col.to(tl.float32) * g_scale
-                is_col = offs_n[None, :] == col
-                dp += tl.where(is_col, g_col[:, None], 0.0)
-                delta += g_col * tl.sum(tl.where(is_col, p, 0.0), axis=1)
-        ds = p * (dp - delta[:, None])
+                ds += tl.where(offs_n[None, :] == col, p * g_col[:, None], 0.0)
 
         # dQ = dS · K · scale (complete for these rows: all keys are in the block).
         for d0 in range(0, HEAD_DIM, BLOCK_D):
@@ -227,10 +237,11 @@ def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps,
         H, N, M, select.shape[1] if has_g else 0, query_bucket(N), rows_per_split,
         float(scale), g_scale,
     )
+    max_block_d = max_head_dim_block(q.dtype, backward=True)
     constexprs = dict(
         HEAD_DIM=D, VALUE_DIM=max(Dv, 1) if has_do else 1, BLOCK_N=key_block(M),
-        BLOCK_D=head_dim_block(D, BWD_MAX_BLOCK_D),
-        BLOCK_DV=head_dim_block(Dv, BWD_MAX_BLOCK_D) if has_do else 16,
+        BLOCK_D=head_dim_block(D, max_block_d),
+        BLOCK_DV=head_dim_block(Dv, max_block_d) if has_do else 16,
         HAS_DO=has_do, HAS_BIAS=bias is not None, HAS_G=has_g,
         DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
     )

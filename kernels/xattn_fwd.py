@@ -21,6 +21,7 @@ from ._utils import (
     head_dim_block,
     interpreting,
     key_block,
+    max_head_dim_block,
     mma,
     prune_fwd_configs,
     query_bucket,
@@ -126,18 +127,6 @@ def _xattn_fwd_kernel(
         p = p / l_safe[:, None]
         tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem, lse, mask=m_mask)
 
-        if HAS_V:
-            v_ptr = V + off_b * stride_vb + off_h * stride_vh
-            o_ptr = O + off_b * stride_ob + off_h * stride_oh
-            for d0 in range(0, VALUE_DIM, BLOCK_DV):
-                d = d0 + tl.arange(0, BLOCK_DV)
-                d_mask = d < VALUE_DIM
-                v = tl.load(v_ptr + offs_n[:, None] * stride_vn + d[None, :] * stride_vd,
-                            mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-                o = mma(p, v, None, DOT_PRECISION, DOT_UPCAST)
-                tl.store(o_ptr + offs_m[:, None] * stride_om + d[None, :] * stride_od,
-                         o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-
         if HAS_SEL:
             # Gather column SEL[j] of P exactly (a masked row sum, no dot): duplicates allowed.
             maps_h = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
@@ -151,6 +140,23 @@ def _xattn_fwd_kernel(
                 tl.store(MAPS + off_b * stride_ab + off_h * stride_ah
                          + offs_m[:, None] * stride_am + offs_s[None, :] * stride_as,
                          maps_h, mask=m_mask[:, None] & (offs_s[None, :] < NUM_SEL))
+
+        if HAS_V:
+            # The maps above were P's last fp32 use: only its tensor-core operand (input dtype,
+            # half the registers) stays live through the value-dim loop. Under the interpreter's
+            # bf16 upcast P stays fp32, as in ``mma``.
+            if not DOT_UPCAST:
+                p = p.to(V.dtype.element_ty)
+            v_ptr = V + off_b * stride_vb + off_h * stride_vh
+            o_ptr = O + off_b * stride_ob + off_h * stride_oh
+            for d0 in range(0, VALUE_DIM, BLOCK_DV):
+                d = d0 + tl.arange(0, BLOCK_DV)
+                d_mask = d < VALUE_DIM
+                v = tl.load(v_ptr + offs_n[:, None] * stride_vn + d[None, :] * stride_vd,
+                            mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                o = mma(p, v, None, DOT_PRECISION, DOT_UPCAST)
+                tl.store(o_ptr + offs_m[:, None] * stride_om + d[None, :] * stride_od,
+                         o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     if HAS_SEL:
         if MEAN_HEADS:
@@ -193,9 +199,10 @@ def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps):
         H, N, M, S, query_bucket(N),
         float(scale),
     )
+    max_block_d = max_head_dim_block(q.dtype, backward=False)
     constexprs = dict(
-        HEAD_DIM=D, VALUE_DIM=max(Dv, 1), BLOCK_N=key_block(M), BLOCK_D=head_dim_block(D),
-        BLOCK_DV=head_dim_block(Dv) if Dv else 16, BLOCK_S=select_block(S),
+        HEAD_DIM=D, VALUE_DIM=max(Dv, 1), BLOCK_N=key_block(M), BLOCK_D=head_dim_block(D, max_block_d),
+        BLOCK_DV=head_dim_block(Dv, max_block_d) if Dv else 16, BLOCK_S=select_block(S),
         HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_SEL=select is not None, MEAN_HEADS=mean,
         DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
     )

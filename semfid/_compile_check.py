@@ -3,15 +3,18 @@
 For the forward and backward kernels, every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
 (fp16, bf16, fp32), mode (forward: target pass / reference maps-only pass / per-head maps / plain;
 backward: output+maps / maps-only / output-only) and every autotune config the autotuner may pick
-for 77 keys at SD query counts, this builds a cubin with
+for 77 keys at the SD query counts (64 .. 4096), this builds a cubin with
 ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))`` and
-prints the registers per thread, spilled bytes and shared memory. The compile runs in a child process
-without ``TRITON_INTERPRET`` (the interpreter would replace the compiler). Exit status: 0 when every
-config compiles and no SD config (head dim <= 160) spills, 1 otherwise.
+prints the registers per thread, spilled bytes and shared memory. The configs come from the kernels'
+own ``early_config_prune`` (``semfid.kernels._utils.candidate_configs``) applied to each launch's
+arguments, so the check compiles exactly what the autotuner can choose from, no more, no less.
+The compile runs in a child process without ``TRITON_INTERPRET`` (the interpreter would replace
+the compiler). Exit status: 0 when every config compiles without register spills, 1 otherwise.
 
 Usage: ``python -m semfid._compile_check [--arch 80,90] [--head-dims 40,64,80,160,256]
-[--dtypes fp16,bf16,fp32] [--quick] [-j N]`` (``--quick``: only the target-pass / output+maps
-modes; ``-j``: parallel compiles).
+[--dtypes fp16,bf16,fp32] [--quick] [--only REGEX] [-j N]`` (``--quick``: only the target-pass /
+output+maps modes; ``--only``: configs whose printed label matches; ``-j``: parallel compiles).
+Identical specialisations (same kernel, signature, constexprs, arch and config) compile once.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SD_HEAD_DIMS = (40, 64, 80, 160, 256)  # SD1.5: 40/80/160; SDXL: 64; 256 = the kernels' limit
 NUM_KEYS = 77  # CLIP text tokens
 NUM_SELECTED = 2
-QUERY_BUCKETS = (4096,)  # the 4096-query layers see every config; smaller buckets see a subset
-SPILL_FREE_MAX_DIM = 160  # SD shapes must not spill
+# SD query counts (SD1.5 at 512 px: 4096/1024/256/64; SDXL at 1024 px: 4096/1024). Every bucket is
+# handed to the prune: the union of the configs it keeps is what the check compiles.
+QUERY_BUCKETS = (64, 256, 1024, 4096)
 
 # flags per kernel mode
 FWD_MODES = {
@@ -88,7 +93,7 @@ def _sd_tensors(head_dim: int, dtype: str, mean: bool, with_v: bool, with_sel: b
     from semfid.backends.base import empty_forward_outputs
 
     dt = getattr(torch, _TYPES[dtype].split(".")[1])
-    B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), QUERY_BUCKETS[0], NUM_KEYS, head_dim
+    B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), max(QUERY_BUCKETS), NUM_KEYS, head_dim
     meta = dict(device="meta", dtype=dt)
     q = torch.empty(B, N, H, D, **meta).transpose(1, 2)
     k = torch.empty(B, M, H, D, **meta).transpose(1, 2)
@@ -112,12 +117,13 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
     xattn_fwd = importlib.import_module("semfid.kernels.xattn_fwd")
     xattn_bwd = importlib.import_module("semfid.kernels.xattn_bwd")
 
-    block_n = U.key_block(NUM_KEYS)
-
-    def configs(backward: bool) -> List[Tuple[int, int, int]]:
+    def configs(fn, args, cx, backward: bool) -> List[Tuple[int, int, int]]:
+        """(BLOCK_M, warps, stages) the autotuner may pick for this launch: the kernels' own prune
+        function applied to the launch's arguments (one rule, shared with the autotuner)."""
         found: List[Tuple[int, int, int]] = []
         for bucket in QUERY_BUCKETS:
-            for c in U.candidate_configs(block_n, bucket, backward):
+            named = dict(zip(fn.arg_names, args), **cx, N_BUCKET=bucket)
+            for c in U.candidate_configs(named, backward):
                 key = (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
                 if key not in found:
                     found.append(key)
@@ -134,7 +140,7 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
                     args, cx, _ = xattn_fwd.launch_args(q, k, v, bias, sel, d ** -0.5, f["MEAN_HEADS"],
                                                         out, lse, maps)
                     cx["DOT_UPCAST"] = False
-                    for (bm, w, st) in configs(backward=False):
+                    for (bm, w, st) in configs(xattn_fwd._xattn_fwd_kernel, args, cx, False):
                         yield (f"fwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
                                f"stages={st}", xattn_fwd._xattn_fwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
@@ -147,7 +153,7 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
                     args, cx = xattn_bwd.launch_args(q, k, v, bias, sel, d ** -0.5, True, out, lse,
                                                      dout, dmaps, dq, dk_part, dv_part, rows)
                     cx["DOT_UPCAST"] = False
-                    for (bm, w, st) in configs(backward=True):
+                    for (bm, w, st) in configs(xattn_bwd._xattn_bwd_kernel, args, cx, True):
                         yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
                                f"stages={st}", xattn_bwd._xattn_bwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
@@ -207,31 +213,64 @@ def _compile_one(index: int):
         return label, d, f"{type(e).__name__}: {msg[0] if msg else ''}"
 
 
+def _dedupe_key(job) -> tuple:
+    """What triton compiles for a job: kernel, signature, constexprs, attrs, arch and config."""
+    from triton.backends.compiler import GPUTarget
+
+    _, fn, args, cx, warps, stages, arch, _ = job
+    signature, constexprs, attrs = _specialize(fn, args, cx, GPUTarget("cuda", arch, 32))
+    return (fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+            tuple(sorted((k, str(v)) for k, v in attrs.items())), arch, warps, stages)
+
+
 def _run(args: argparse.Namespace) -> int:
     import concurrent.futures as cf
     import multiprocessing
 
     import triton
 
-    _JOBS.extend(_jobs(args.arch, args.head_dims, args.dtypes, args.quick))
-    print(f"triton {triton.__version__}: compiling {len(_JOBS)} semfid kernel configs "
-          f"(M={NUM_KEYS} keys, S={NUM_SELECTED} selected, query bucket {list(QUERY_BUCKETS)}, "
-          f"{args.jobs} processes)", flush=True)
+    start = time.monotonic()
+    only = re.compile(args.only) if args.only else None
+    jobs = [j for j in _jobs(args.arch, args.head_dims, args.dtypes, args.quick)
+            if only is None or only.search(j[0])]
+    # One compile per distinct specialisation; its result is reported under every label that has it.
+    first: Dict[tuple, int] = {}
+    owner = []
+    for n, job in enumerate(jobs):
+        try:
+            key = _dedupe_key(job)
+        except Exception:  # e.g. an unknown arch: no dedupe, the compile reports the error
+            key = ("unique", n)
+        if key not in first:
+            first[key] = len(_JOBS)
+            _JOBS.append(job)
+        owner.append(first[key])
+    print(f"triton {triton.__version__}: {len(jobs)} semfid kernel configs, {len(_JOBS)} distinct "
+          f"compiles (M={NUM_KEYS} keys, S={NUM_SELECTED} selected, query buckets "
+          f"{list(QUERY_BUCKETS)}, {args.jobs} processes)", flush=True)
     failures, spilling = [], []
     ctx = multiprocessing.get_context("fork")
     try:
         with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            _report(pool.map(_compile_one, range(len(_JOBS))), failures, spilling)
+            results, compiled = pool.map(_compile_one, range(len(_JOBS))), []
+
+            def in_order():  # stream: each label as soon as the compile it shares is done
+                for job, i in zip(jobs, owner):
+                    while len(compiled) <= i:
+                        compiled.append(next(results)[2])
+                    yield job[0], job[7], compiled[i]
+
+            _report(in_order(), failures, spilling)
     except cf.process.BrokenProcessPool as e:  # the compiler aborted a worker (e.g. unknown arch)
         failures.append("worker")
         print(f"FAIL a compiler process crashed: {e}", flush=True)
-    print(f"{len(_JOBS)} configs: {len(_JOBS) - len(failures)} compiled, {len(failures)} failed, "
-          f"{len(spilling)} SD configs spill")
+    print(f"{len(jobs)} configs: {len(jobs) - len(failures)} compiled, {len(failures)} failed, "
+          f"{len(spilling)} spill registers ({time.monotonic() - start:.0f} s)")
     return 1 if failures or spilling else 0
 
 
 def _report(results, failures: List[str], spilling: List[str]) -> None:
-    """Print one line per compiled config; collect failures and SD configs that spill."""
+    """Print one line per config; collect failures and configs that spill."""
     for label, d, result in results:
         if isinstance(result, str):
             failures.append(label)
@@ -239,11 +278,9 @@ def _report(results, failures: List[str], spilling: List[str]) -> None:
             continue
         regs, spills, shared = result
         flag = ""
-        if spills and d <= SPILL_FREE_MAX_DIM:
+        if spills:  # every checked config is one the autotuner can pick: none may spill
             spilling.append(label)
-            flag = "  <-- SPILLS (SD head dim)"
-        elif spills:
-            flag = "  (spills; head dim > 160)"
+            flag = "  <-- SPILLS"
         print(f"ok   {label}: regs={regs:<3} spill_bytes={spills:<5} shared={shared}{flag}", flush=True)
 
 
@@ -256,6 +293,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fp16-relevant modes only (target / out+maps)")
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
                    help="parallel compile processes (default: cores, at most 8)")
+    p.add_argument("--only", default="", help="only the configs whose label matches this regex")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -275,8 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     cmd = [sys.executable, "-m", "semfid._compile_check", "--in-process",
            "--arch", ",".join(map(str, args.arch)), "--head-dims", ",".join(map(str, args.head_dims)),
-           "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs)] + (["--quick"] if args.quick else [])
-    return subprocess.call(cmd, env=env)
+           "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs), "--only", args.only] + (["--quick"] if args.quick else [])
+    start = time.monotonic()
+    status = subprocess.call(cmd, env=env)
+    print(f"compile check: exit status {status}, {time.monotonic() - start:.0f} s wall "
+          f"(imports and compiles)", flush=True)
+    return status
 
 
 if __name__ == "__main__":
