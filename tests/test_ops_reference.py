@@ -99,12 +99,14 @@ def _tolerance(dtype: torch.dtype, *refs: Optional[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("with_select", [True, False], ids=["maps", "out_only"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_cross_attention_matches_reference(case: Case, dtype: torch.dtype, backend: str):
+def test_cross_attention_matches_reference(case: Case, with_select: bool, dtype: torch.dtype,
+                                           backend: str):
     q = torch.randn(case.B, case.H, case.N, case.D, device=DEVICE).to(dtype)
     k = torch.randn(case.B, case.H, case.M, case.D, device=DEVICE).to(dtype)
     v = torch.randn(case.B, case.H, case.M, case.Dv, device=DEVICE).to(dtype)
-    bias, select = _bias(case, torch.float32), _select(case)
+    bias, select = _bias(case, torch.float32), _select(case) if with_select else None
     kw = dict(scale=case.scale, attn_bias=bias, select=select, head_reduce=case.head_reduce)
 
     qg, kg, vg = (_leaf(t) for t in (q, k, v))
@@ -114,6 +116,8 @@ def test_cross_attention_matches_reference(case: Case, dtype: torch.dtype, backe
     qp, kp, vp = (_leaf(t) for t in (q, k, v))
     plain = attention_ref(qp, kp, vp, upcast=False, **kw)
 
+    if select is None:  # a single tensor: treat it as a one-element tuple like (out, maps)
+        got, ref, plain = (got,), (ref,), (plain,)
     upstream = [torch.randn(r.shape, dtype=torch.float64, device=DEVICE) for r in ref]
     for name, g, r, p in zip(("out", "maps"), got, ref, plain):
         assert g.dtype == (dtype if name == "out" else torch.float32)

@@ -88,6 +88,30 @@ class _Operands:
         return self.softmax(self.logits(qc))
 
 
+def _fused_cpu_attention_applies(q, k, v) -> bool:
+    """PyTorch's fused CPU attention kernel returns (out, lse) for equal q/v head dims."""
+    return (q.device.type == "cpu" and v is not None and v.shape[-1] == q.shape[-1]
+            and q.shape[2] > 0 and not torch.compiler.is_compiling())
+
+
+def _fused_cpu_forward(q, k, v, bias, scale, mean_heads) -> ForwardResult:
+    """Output-only forward through ``aten._scaled_dot_product_flash_attention_for_cpu``.
+
+    With no maps to write, PyTorch's own fused kernel (blocked, fp32 accumulation, all threads)
+    computes out and the natural-log lse faster than the chunk loop; rows whose keys are all -inf
+    come back as zeros with lse 0, which the contract turns into +inf.
+    """
+    mask = None if bias is None else bias[:, :, None, :].to(q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=mask, scale=scale)
+    lse = lse.to(accumulation_dtype(q.dtype))
+    if bias is not None:
+        dead = torch.isneginf(bias).all(dim=-1)[:, :, None]
+        lse = lse.masked_fill(dead, float("inf"))
+    _, _, maps = empty_forward_outputs(q, k, v, None, mean_heads)
+    return out, lse, maps
+
+
 @register_backend
 class TorchBackend(BackendBase):
     """Chunked PyTorch implementation: runs anywhere, keeps only q, k, v, out and lse for backward."""
@@ -106,6 +130,8 @@ class TorchBackend(BackendBase):
     @staticmethod
     def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
         B, H, N, _ = q.shape
+        if select is None and _fused_cpu_attention_applies(q, k, v):
+            return _fused_cpu_forward(q, k, v, bias, scale, mean_heads)
         ops = _Operands(k, v, bias, scale)
         out, lse, maps = empty_forward_outputs(q, k, v, select, mean_heads)
         for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
