@@ -101,7 +101,7 @@ def query_bucket(num_queries: int) -> int:
 # ``python -m semfid.info --compile-check`` enumerates them through the same function
 # (:func:`candidate_configs`), so every config the autotuner can pick for the SD shapes is compiled
 # for sm_80/sm_90 and checked for register spills.
-_CONFIG_SPACE = [(block_m, warps) for block_m in (32, 64, 128) for warps in (4, 8)]
+_CONFIG_SPACE = [(block_m, warps) for block_m in (16, 32, 64, 128) for warps in (4, 8)]
 
 
 def autotune_configs() -> List[triton.Config]:
@@ -135,7 +135,8 @@ def tile_regs(block_m: int, warps: int, block_n: int) -> int:
     return block_m * block_n // (32 * warps)
 
 
-def fits(block_m: int, warps: int, block_n: int, n_bucket: int, dtype: torch.dtype) -> bool:
+def fits(block_m: int, warps: int, block_n: int, n_bucket: int, dtype: torch.dtype,
+         backward: bool = False) -> bool:
     """Can this tile run the shape well:
 
     * no taller than the queries (32 rows minimum);
@@ -145,6 +146,8 @@ def fits(block_m: int, warps: int, block_n: int, n_bucket: int, dtype: torch.dty
     """
     if block_m > max(32, n_bucket):
         return False
+    if block_m == 16:  # only the fp32 forward needs tiles this small (see SPILL_EXCLUSIONS)
+        return dtype == torch.float32 and warps == 8 and not backward
     budget = TILE_REGS[dtype]
     if tile_regs(block_m, warps, block_n) > budget:
         return False
@@ -157,6 +160,10 @@ def fits(block_m: int, warps: int, block_n: int, n_bucket: int, dtype: torch.dty
 #: shape matches when every listed flag has that value. Measured with 77 keys (BLOCK_N 128) and
 #: triton 3.9; the compile check re-verifies every config this filter lets through.
 SPILL_EXCLUSIONS = [
+    # fp32 forward with values (target, per-head and plain passes), every head dim, 32 x 8: under
+    # triton 3.8 (torch 2.14's) 255 regs + 96..416 B spill on sm_80 and sm_90; 16 x 8 does not
+    # (16 x 4, 32 x 4 and 64 x 8 spill too).
+    *((False, torch.float32, d, dict(HAS_V=True), (32, 8)) for d in (40, 64, 80, 160, 256)),
     # fp32 maps-only forward (the reference pass), head dim 40: 128 regs + 24 B spill on sm_90.
     (False, torch.float32, 40, dict(HAS_V=False), (32, 8)),
     # Output-only backward (no map gradient) on sm_80, fp16 and bf16: head dim 64 at 32 x 4
@@ -188,7 +195,8 @@ def _prune(configs: List[triton.Config], args: Dict, backward: bool) -> List[tri
         return not excluded(c.kwargs["BLOCK_M"], c.num_warps, args, backward)
 
     kept = [c for c in configs
-            if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket, dtype) and allowed(c)]
+            if fits(c.kwargs["BLOCK_M"], c.num_warps, block_n, n_bucket, dtype, backward)
+            and allowed(c)]
     if kept:
         return kept
     pool = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, n_bucket) and allowed(c)] or configs

@@ -9,7 +9,9 @@ prints the registers per thread, spilled bytes and shared memory. The configs co
 own ``early_config_prune`` (``semfid.kernels._utils.candidate_configs``) applied to each launch's
 arguments, so the check compiles exactly what the autotuner can choose from, no more, no less.
 The compile runs in a child process without ``TRITON_INTERPRET`` (the interpreter would replace
-the compiler). Exit status: 0 when every config compiles without register spills, 1 otherwise.
+the compiler). Exit status: 0 when every config compiles and no fp16/bf16 config spills registers,
+1 otherwise; fp32 configs that spill are listed as a warning (exact-fp32 dots hold both operands in
+registers, and the SD workloads this gate protects run in fp16/bf16).
 
 Usage: ``python -m semfid._compile_check [--arch 80,90] [--head-dims 40,64,80,160,256]
 [--dtypes fp16,bf16,fp32] [--quick] [--only REGEX] [-j N]`` (``--quick``: only the target-pass /
@@ -264,9 +266,16 @@ def _run(args: argparse.Namespace) -> int:
     except cf.process.BrokenProcessPool as e:  # the compiler aborted a worker (e.g. unknown arch)
         failures.append("worker")
         print(f"FAIL a compiler process crashed: {e}", flush=True)
+    fp32_spilling = [label for label in spilling if " fp32 " in label]
+    half_spilling = [label for label in spilling if " fp32 " not in label]
     print(f"{len(jobs)} configs: {len(jobs) - len(failures)} compiled, {len(failures)} failed, "
-          f"{len(spilling)} spill registers ({time.monotonic() - start:.0f} s)")
-    return 1 if failures or spilling else 0
+          f"{len(half_spilling)} spill registers ({time.monotonic() - start:.0f} s)")
+    if fp32_spilling:
+        # fp32 inputs take exact-fp32 tl.dot (FMA units, operands in registers); SD trains and
+        # samples in fp16/bf16, the dtypes this gate is about. fp32 spills are reported, not fatal.
+        print(f"warning: {len(fp32_spilling)} fp32 configs spill registers (fp16/bf16 must not; "
+              f"fp32 spills are reported only): " + "; ".join(fp32_spilling))
+    return 1 if failures or half_spilling else 0
 
 
 def _report(results, failures: List[str], spilling: List[str]) -> None:
@@ -278,9 +287,9 @@ def _report(results, failures: List[str], spilling: List[str]) -> None:
             continue
         regs, spills, shared = result
         flag = ""
-        if spills:  # every checked config is one the autotuner can pick: none may spill
+        if spills:  # every checked config is one the autotuner can pick
             spilling.append(label)
-            flag = "  <-- SPILLS"
+            flag = "  <-- SPILLS" + (" (fp32: reported, not fatal)" if " fp32 " in label else "")
         print(f"ok   {label}: regs={regs:<3} spill_bytes={spills:<5} shared={shared}{flag}", flush=True)
 
 
