@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -416,39 +416,26 @@ def report(results: List[Result], skipped: Dict[str, str], impl_names: List[str]
         names = [n for n in impl_names if any(k[2] == mode and k[3] == n for k in index)]
         if not names:
             continue
-        rows = []
-        for case, batch in groups:
-            row = [f"{SHAPES_BY_NAME[case].label}", str(batch)]
-            row += [_fmt_ms(index.get((case, batch, mode, n))) for n in names]
-            rows.append(row)
-        out.append(f"\n== {mode}: time in ms (median ± IQR) ==")
-        out.append(_table(["case", "B"] + names, rows))
+        def metric_table(title: str, cell: Callable[[Result], Optional[str]]) -> None:
+            """One row per (case, batch), one column per implementation; '-' where missing."""
+            rows = []
+            for case, batch in groups:
+                results_ = [index.get((case, batch, mode, n)) for n in names]
+                rows.append([SHAPES_BY_NAME[case].label, str(batch)]
+                            + [("-" if r is None else cell(r)) or "-" for r in results_])
+            out.append(f"\n== {mode}: {title} ==")
+            out.append(_table(["case", "B"] + names, rows))
 
+        metric_table("time in ms (median ± IQR)", lambda r: _fmt_ms(r))
         if mode == "subject_fwd_bwd":
-            rows = []
-            for case, batch in groups:
-                cells = [index.get((case, batch, mode, n)) for n in names]
-                rows.append([SHAPES_BY_NAME[case].label, str(batch)]
-                            + ["-" if c is None or c.saved_mib is None else f"{c.saved_mib:.1f}" for c in cells])
-            out.append(f"\n== {mode}: MiB kept for backward (saved tensors, storages deduplicated) ==")
-            out.append(_table(["case", "B"] + names, rows))
+            metric_table("MiB kept for backward (saved tensors, storages deduplicated)",
+                         lambda r: None if r.saved_mib is None else f"{r.saved_mib:.1f}")
         if device.type == "cuda":
-            rows = []
-            for case, batch in groups:
-                cells = [index.get((case, batch, mode, n)) for n in names]
-                rows.append([SHAPES_BY_NAME[case].label, str(batch)]
-                            + ["-" if c is None or c.gbps is None
-                               else f"{c.gbps:.0f} ({c.pct_copy:.0f}%)" if c.pct_copy else f"{c.gbps:.0f}"
-                               for c in cells])
-            out.append(f"\n== {mode}: achieved GB/s of the ideal traffic (% of copy bandwidth) ==")
-            out.append(_table(["case", "B"] + names, rows))
-            rows = []
-            for case, batch in groups:
-                cells = [index.get((case, batch, mode, n)) for n in names]
-                rows.append([SHAPES_BY_NAME[case].label, str(batch)]
-                            + ["-" if c is None or c.peak_mib is None else f"{c.peak_mib:.1f}" for c in cells])
-            out.append(f"\n== {mode}: peak extra GPU memory in MiB ==")
-            out.append(_table(["case", "B"] + names, rows))
+            metric_table("achieved GB/s of the ideal traffic (% of copy bandwidth)",
+                         lambda r: None if r.gbps is None else
+                         f"{r.gbps:.0f} ({r.pct_copy:.0f}%)" if r.pct_copy else f"{r.gbps:.0f}")
+            metric_table("peak extra GPU memory in MiB",
+                         lambda r: None if r.peak_mib is None else f"{r.peak_mib:.1f}")
 
         shown = [b for b in baselines if b in names]
         if "semfid" in names and shown:

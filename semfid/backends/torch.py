@@ -47,6 +47,11 @@ def _map_index(select: torch.Tensor, H: int, rows: int) -> torch.Tensor:
     return select[:, None, None, :].expand(B, H, rows, S)
 
 
+def _dead_rows(bias: torch.Tensor) -> torch.Tensor:
+    """[B, H, 1] mask of the (batch, head) pairs whose keys are all -inf (P = 0, lse = +inf)."""
+    return torch.isneginf(bias).all(dim=-1)[:, :, None]
+
+
 class _Operands:
     """The per-call tensors both passes share, in the accumulation dtype.
 
@@ -63,7 +68,7 @@ class _Operands:
         self.bias = None if bias is None else bias[:, :, None, :]
         self.dead_rows = None
         if bias is not None:
-            dead = torch.isneginf(bias).all(dim=-1)[:, :, None, None]
+            dead = _dead_rows(bias)[..., None]
             # One host sync on CUDA; skipped entirely while tracing (the where below is then kept).
             if torch.compiler.is_compiling() or bias.device.type != "cpu" or bool(dead.any()):
                 self.dead_rows = dead
@@ -106,8 +111,7 @@ def _fused_cpu_forward(q, k, v, bias, scale, mean_heads) -> ForwardResult:
         q, k, v, attn_mask=mask, scale=scale)
     lse = lse.to(accumulation_dtype(q.dtype))
     if bias is not None:
-        dead = torch.isneginf(bias).all(dim=-1)[:, :, None]
-        lse = lse.masked_fill(dead, float("inf"))
+        lse = lse.masked_fill(_dead_rows(bias), float("inf"))
     _, _, maps = empty_forward_outputs(q, k, v, None, mean_heads)
     return out, lse, maps
 
