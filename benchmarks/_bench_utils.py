@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from semfid.profiling import SavedBytes  # noqa: F401  (re-exported for attn_speed)
+from semfid.testing import SavedBytes  # noqa: F401  (re-exported for attn_speed)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

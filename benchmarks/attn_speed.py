@@ -18,7 +18,6 @@ and dtype of the run; a wrong one is reported and skipped, never timed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -46,15 +45,6 @@ QUICK_BATCHES = [2]
 GPU_BATCHES = [2, 8]
 RECORD_FIELDS = ("case", "impl", "mode", "device", "dtype", "batch", "ms_median", "ms_iqr",
                  "saved_mib", "peak_mib")
-
-
-def _load_reference():
-    """The float64 reference of the test suite (tests/_reference.py), loaded by path."""
-    path = os.path.join(REPO_ROOT, "tests", "_reference.py")
-    spec = importlib.util.spec_from_file_location("_semfid_bench_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +202,7 @@ def check_implementation(impl: Implementation, mode: str, device: torch.device, 
     ulps, for the output, the maps, the loss and the gradients of the output and of the loss
     (checked separately, so a missing loss gradient cannot hide under the output's).
     """
-    ref = _load_reference()
+    from semfid import testing as ref
     x = make_inputs(device=device, dtype=dtype, seed=seed, **CHECK_SHAPE)
     fn = impl.function(mode)
     if fn is None:

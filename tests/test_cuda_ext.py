@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _reference import (  # noqa: E402
+from semfid.testing import (  # noqa: E402
     assert_close_rule, attention_ref, gather_maps, probabilities, subject_ref, ulp_atol,
 )
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import semfid
 from conftest import backends_under_test
-from semfid.profiling import saved_tensor_bytes
+from semfid.testing import saved_tensor_bytes
 
 LAYERS = {
     "sd15_64x64": (8, 40),   # SD1.5 512 px, down_blocks.0 / up_blocks.3: 8 heads x 40

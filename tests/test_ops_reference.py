@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import semfid
-from _reference import assert_close_rule, attention_ref, subject_ref
+from semfid.testing import assert_close_rule, attention_ref, subject_ref
 from conftest import backends_under_test, device_under_test
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

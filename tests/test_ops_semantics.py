@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import semfid
-from _reference import attention_ref, subject_ref
+from semfid.testing import attention_ref, subject_ref
 from conftest import backends_under_test, device_under_test
 from semfid.backends import get_backend
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _reference import assert_close_rule, attention_ref, subject_ref, ulp_atol  # noqa: E402
+from semfid.testing import assert_close_rule, attention_ref, subject_ref, ulp_atol  # noqa: E402
 
 import semfid  # noqa: E402
 

@@ -1,6 +1,7 @@
-"""Float64 reference of semfid's ops and the flash-attention tolerance rule, for the tests.
+"""Float64 reference of semfid's ops and the flash-attention tolerance rule.
 
-Written independently of the package under test (explicit softmax, autograd through it).
+Written independently of the code under test (explicit softmax, autograd through it), and imported
+by the tests, the benchmarks' correctness gate and ``semfid.selftest``.
 ``attention_ref(..., upcast=False)`` runs the same math at the input dtype: the error of "plain
 PyTorch at that dtype", against which a backend's error is judged (DESIGN.md §6).
 """
@@ -57,16 +58,44 @@ def attention_ref(q, k, v, *, scale=None, attn_bias=None, select=None, head_redu
     return out, gather_maps(p, select, head_reduce)
 
 
+def _rows(tokens, B: int):
+    """[S] / [B, S] tensor, list, or ragged list of per-row lists -> list of B index lists."""
+    if isinstance(tokens, Tensor):
+        t = tokens.detach().cpu().long()
+        return [t.tolist()] * B if t.dim() == 1 else t.tolist()
+    tokens = list(tokens)
+    if tokens and isinstance(tokens[0], (list, tuple)):
+        return [list(r) for r in tokens]
+    return [list(tokens)] * B
+
+
 def subject_ref(q, k, v, k_ref, *, tokens, ref_tokens=None, scale=None, attn_bias=None,
                 ref_attn_bias=None, head_reduce="mean", detach_reference=True,
-                upcast=True) -> Tuple[Tensor, Tensor]:
-    out, a_t = attention_ref(q, k, v, scale=scale, attn_bias=attn_bias, select=tokens,
-                             head_reduce=head_reduce, upcast=upcast)
+                return_maps=False, upcast=True):
+    """(out, loss) or (out, loss, maps_t) of :func:`semfid.subject_attention`, row by row.
+
+    ``tokens`` / ``ref_tokens`` may be ragged (a list of per-row lists): row b's loss is the mean
+    over its own ``len(tokens[b])`` columns. ``maps_t`` is returned padded to the longest row,
+    with zeros in the padding columns.
+    """
+    B = q.shape[0]
+    p = probabilities(q, k, scale, attn_bias, upcast)
+    out = torch.matmul(p, v.to(p.dtype))
     p_ref = probabilities(q, k_ref, scale, ref_attn_bias, upcast)
-    a_r = gather_maps(p_ref, tokens if ref_tokens is None else ref_tokens, head_reduce)
     if detach_reference:
-        a_r = a_r.detach()
-    loss = (a_t - a_r).square().flatten(1).mean(dim=1)
+        p_ref = p_ref.detach()
+    rows_t = _rows(tokens, B)
+    rows_r = _rows(tokens if ref_tokens is None else ref_tokens, B)
+    losses, maps = [], []
+    width = max(len(r) for r in rows_t)
+    for b in range(B):
+        a_t = gather_maps(p[b:b + 1], rows_t[b], head_reduce)
+        a_r = gather_maps(p_ref[b:b + 1], rows_r[b], head_reduce)
+        losses.append((a_t - a_r).square().mean())
+        maps.append(torch.nn.functional.pad(a_t, (0, width - a_t.shape[-1])))
+    loss = torch.stack(losses)
+    if return_maps:
+        return out, loss, torch.cat(maps)
     return out, loss
 
 
