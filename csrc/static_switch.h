@@ -1,34 +1,16 @@
 // Turn runtime values into compile-time constants for the explicit kernel instantiations:
 //
-//   HEADDIM_SWITCH(head_dim, [&] { run<kHeadDim>(...); });   kHeadDim in {40, 64, 80, 128, 160}
+//   HEADDIM_SWITCH(head_dim, [&] { run<kHeadDim>(...); });   from limits.h (generated from the limits table)
 //   ELEMENT_SWITCH(is_bf16, [&] { run<Element>(...); });     Element in {__half, __nv_bfloat16}
 //
 // The lambda runs with the constant in scope. semfid_api.cpp checks the head dim against
-// kSupportedHeadDims before switching, so the final `else` (160) is reached by 160 only.
+// kSupportedHeadDims before switching.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#define HEADDIM_SWITCH(HEADDIM, ...)            \
-    [&] {                                       \
-        if ((HEADDIM) == 40) {                  \
-            constexpr static int kHeadDim = 40; \
-            return __VA_ARGS__();               \
-        } else if ((HEADDIM) == 64) {           \
-            constexpr static int kHeadDim = 64; \
-            return __VA_ARGS__();               \
-        } else if ((HEADDIM) == 80) {           \
-            constexpr static int kHeadDim = 80; \
-            return __VA_ARGS__();               \
-        } else if ((HEADDIM) == 128) {          \
-            constexpr static int kHeadDim = 128; \
-            return __VA_ARGS__();               \
-        } else {                                \
-            constexpr static int kHeadDim = 160; \
-            return __VA_ARGS__();               \
-        }                                       \
-    }()
+#include "limits.h"
 
 #define ELEMENT_SWITCH(IS_BF16, ...)            \
     [&] {                                       \

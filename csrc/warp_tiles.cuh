@@ -22,7 +22,7 @@ template <typename Traits, typename Element>
 __device__ __forceinline__ void load_rows_to_smem(Element* smem, const Element* gmem, int64_t row_stride,
                                                   int rows_valid, int rows_total) {
     constexpr int kChunks = Traits::kHeadDimPadded / 8;  // 16-byte chunks per padded row
-    for (int i = threadIdx.x; i < rows_total * kChunks; i += Traits::kNThreads) {
+    for (int i = threadIdx.x; i < rows_total * kChunks; i += blockDim.x) {
         const int row = i / kChunks;
         const int col = (i % kChunks) * 8;
         uint4 chunk = make_uint4(0u, 0u, 0u, 0u);
@@ -30,6 +30,20 @@ __device__ __forceinline__ void load_rows_to_smem(Element* smem, const Element* 
             chunk = *reinterpret_cast<const uint4*>(gmem + row * row_stride + col);
         }
         *reinterpret_cast<uint4*>(smem + row * Traits::kSmemStride + col) = chunk;
+    }
+}
+
+// bias[key] * log2(e) for keys [key0, key0 + count) of head (b, h) into shared memory: 0 without a
+// bias, -inf past the last key (so padded keys get P = 0). Called by all threads of the block.
+__device__ __forceinline__ void load_key_bias(float* bias_s, int count, const float* bias, int64_t batch_stride,
+                                              int64_t head_stride, int64_t key_stride, int num_keys, int b, int h,
+                                              int key0) {
+    for (int j = threadIdx.x; j < count; j += blockDim.x) {
+        float value = -INFINITY;
+        if (key0 + j < num_keys) {
+            value = bias == nullptr ? 0.f : bias[b * batch_stride + h * head_stride + (key0 + j) * key_stride] * kLog2e;
+        }
+        bias_s[j] = value;
     }
 }
 
@@ -97,6 +111,93 @@ __device__ __forceinline__ void store_warp_rows(Element* rows, int64_t row_strid
             }
         }
     }
+}
+
+// In-register softmax of a warp's 16 rows of logits (the C fragments of warp_gemm_rows_by_rows over
+// key_tiles n8 tiles): s = exp2(s * scale_log2 + bias - max) / sum, and lse (natural log) per row
+// half (rows g and g + 8). A row whose keys are all -inf gives P = 0 and lse = +inf; NaN propagates.
+template <int kNTiles>
+__device__ __forceinline__ void softmax_rows(float (&s)[kNTiles][4], int key_tiles, const float* bias_s,
+                                             float scale_log2, int t, float (&lse)[2]) {
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+        if (j < key_tiles) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float x = s[j][e] * scale_log2 + bias_s[j * 8 + 2 * t + (e & 1)];
+                s[j][e] = x;
+                row_max[e / 2] = fmaxf(row_max[e / 2], x);
+            }
+        }
+    }
+    float shift[2], inv_sum[2], row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const float m = quad_max(row_max[half]);
+        shift[half] = m == -INFINITY ? 0.f : m;
+    }
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+        if (j < key_tiles) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[j][e] - shift[e / 2]);
+                s[j][e] = p;
+                row_sum[e / 2] += p;
+            }
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const float sum = quad_sum(row_sum[half]);
+        inv_sum[half] = sum == 0.f ? 0.f : 1.f / sum;  // sum == 0 only for fully masked rows
+        lse[half] = sum == 0.f ? INFINITY : (shift[half] + log2f(sum)) * kLn2;
+    }
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= inv_sum[e / 2];
+    }
+}
+
+// P = exp2(s * scale_log2 + bias - lse_log2) from saved lse (log2 units; +inf gives P = 0).
+template <int kNTiles>
+__device__ __forceinline__ void probabilities_from_lse(float (&s)[kNTiles][4], int key_tiles, const float* bias_s,
+                                                       float scale_log2, const float (&lse_log2)[2], int t) {
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+        if (j < key_tiles) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[j][e] = exp2f(s[j][e] * scale_log2 + bias_s[j * 8 + 2 * t + (e & 1)] - lse_log2[e / 2]);
+            }
+        }
+    }
+}
+
+// Write a warp's 16 rows of scores (C fragments) to a row-major fp32 tile with row_floats per row.
+template <int kNTiles>
+__device__ __forceinline__ void store_scores_to_smem(float* tile, int row_floats, const float (&s)[kNTiles][4],
+                                                     int key_tiles, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+        if (j < key_tiles) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                *reinterpret_cast<float2*>(tile + (g + 8 * half) * row_floats + j * 8 + 2 * t) =
+                    make_float2(s[j][2 * half], s[j][2 * half + 1]);
+            }
+        }
+    }
+}
+
+// Deterministic sum over the 32 lanes of a warp (a fixed butterfly: every lane gets the same bits).
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
 }
 
 }  // namespace semfid

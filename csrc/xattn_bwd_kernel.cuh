@@ -3,7 +3,8 @@
 //
 //   P     = exp(logits - lse)                       (lse = +inf on fully masked rows gives P = 0)
 //   dP    = dout v^T + G,   G[n, key] = sum over s with select[s] == key of dmaps[n, s] (* 1/H for
-//                           head-mean maps: every head receives dmaps / H)
+//                           head-mean maps: every head receives dmaps / H), plus the subject loss
+//                           term dloss * diff_scale * w[s] * diff[n, s] (see scatter_map_gradient)
 //   delta = rowsum(P * dP)                          (= rowsum(dout * out) + rowsum(P[sel] * dmaps))
 //   dS    = P * (dP - delta)
 //   dq    = dS k * scale,   dk = dS^T q * scale,   dv = P^T dout
@@ -11,7 +12,7 @@
 // Three kernels, launched in this order on one stream (xattn_bwd_launch_template.h):
 //   xattn_bwd_dq_kernel      grid (ceil(N / kBlockM), H, B): like the forward kernel, a warp owns 16
 //                            query rows and all keys; writes dq and delta.
-//   xattn_bwd_dkdv_kernel    grid (ceil(M / kBlockN), splits, B * H): a warp owns 16 keys and walks the
+//   xattn_bwd_dkdv_kernel    grid (ceil(M / 80), splits, B * H): a warp owns 16 keys and walks the
 //                            query tiles of one split, recomputing the transposed scores P^T and dS^T
 //                            (so both feed dV = P^T dout and dK = dS^T q from registers); writes one
 //                            fp32 partial of dk and dv per split.
@@ -24,40 +25,54 @@
 
 namespace semfid {
 
-// Fill `grad_s` ([rows_total, row_floats] fp32, shared) with G for query rows [row0, row0 + rows_total)
-// and keys [key0, key0 + row_floats - 4): each thread owns one query row and adds its map gradients in
-// select order, so duplicate selections sum in a fixed order. Ends with __syncthreads().
+// Fill `grad_s` ([rows_total, row_floats] fp32, shared) with the map gradient G for query rows
+// [row0, row0 + rows_total) and keys [key0, key0 + keys_in_tile):
+//   G[n, key] = sum over s with select[s] == key of  dmaps[n, s] * dmaps_scale
+//                                                  + dloss[b] * diff_scale * w[s] * diff[n, s]
+// Each thread owns one query row and adds its terms in select order, so duplicate selections sum in a
+// fixed order. Ends with __syncthreads() (which also publishes earlier shared and global writes).
 __device__ __forceinline__ void scatter_map_gradient(float* grad_s, int row_floats, int rows_total, int keys_in_tile,
                                                      const Xattn_bwd_params& params, int b, int h, int row0, int key0) {
     for (int i = threadIdx.x; i < rows_total * row_floats; i += blockDim.x) grad_s[i] = 0.f;
     __syncthreads();
     const int row = threadIdx.x;
     if (row < rows_total && row0 + row < params.num_queries) {
+        const int64_t n = row0 + row;
         const int64_t* select = params.select_ptr + b * params.select_batch_stride;
-        const float* dmaps = params.dmaps_ptr + b * params.dmaps_batch_stride + h * params.dmaps_head_stride +
-                             static_cast<int64_t>(row0 + row) * params.dmaps_row_stride;
+        const float* dmaps = params.dmaps_ptr == nullptr ? nullptr
+                           : params.dmaps_ptr + b * params.dmaps_batch_stride + h * params.dmaps_head_stride +
+                             n * params.dmaps_row_stride;
+        const float* diff = params.diff_ptr == nullptr ? nullptr
+                          : params.diff_ptr + b * params.diff_batch_stride + h * params.diff_head_stride +
+                            n * params.diff_row_stride;
+        const float coef = diff == nullptr ? 0.f : params.dloss_ptr[b * params.dloss_stride] * params.diff_scale;
+        const float* weights = params.weights_ptr == nullptr ? nullptr : params.weights_ptr + b * params.weights_batch_stride;
+        const float inv_s = 1.f / static_cast<float>(params.num_selected);
         for (int s = 0; s < params.num_selected; ++s) {
             const int key = static_cast<int>(select[s * params.select_index_stride]) - key0;
             if (key >= 0 && key < keys_in_tile) {
-                grad_s[row * row_floats + key] += dmaps[s * params.dmaps_index_stride] * params.dmaps_scale;
+                float g = 0.f;
+                if (dmaps != nullptr) g += dmaps[s * params.dmaps_index_stride] * params.dmaps_scale;
+                if (diff != nullptr) {
+                    const float w = weights == nullptr ? inv_s : weights[s * params.weights_index_stride];
+                    g += coef * w * diff[s];
+                }
+                grad_s[row * row_floats + key] += g;
             }
         }
     }
     __syncthreads();
 }
 
+__device__ __forceinline__ bool has_map_gradient(const Xattn_bwd_params& params) {
+    return params.dmaps_ptr != nullptr || params.diff_ptr != nullptr;
+}
+
 // Load bias * log2(e) for keys [key0, key0 + count) into shared memory (-inf past the last key).
 __device__ __forceinline__ void load_key_bias(float* bias_s, int count, const Xattn_bwd_params& params,
                                               int b, int h, int key0) {
-    for (int j = threadIdx.x; j < count; j += blockDim.x) {
-        float bias = -INFINITY;
-        if (key0 + j < params.num_keys) {
-            bias = params.bias_ptr == nullptr ? 0.f
-                 : params.bias_ptr[b * params.bias_batch_stride + h * params.bias_head_stride +
-                                   (key0 + j) * params.bias_key_stride] * kLog2e;
-        }
-        bias_s[j] = bias;
-    }
+    load_key_bias(bias_s, count, params.bias_ptr, params.bias_batch_stride, params.bias_head_stride,
+                  params.bias_key_stride, params.num_keys, b, h, key0);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -75,7 +90,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dq_kernel(const X
     const int block_row0 = blockIdx.x * Traits::kBlockM;
     const int m16 = padded_keys(M);
     const bool use_dout = params.v_ptr != nullptr && params.dout_ptr != nullptr;
-    const bool has_dmaps = params.dmaps_ptr != nullptr;
+    const bool has_dmaps = has_map_gradient(params);
 
     const auto layout = xattn_bwd_dq_smem_layout<Traits>(M, use_dout, has_dmaps);
     Element* k_s = reinterpret_cast<Element*>(smem + layout.k);
@@ -183,7 +198,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dq_kernel(const X
 // dk and dv partials of one split of the queries
 // ------------------------------------------------------------------------------------------------------
 template <typename Traits, typename Element>
-__global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dkdv_kernel(const Xattn_bwd_params params) {
+__global__ void __launch_bounds__(Traits::kDkdvThreads) xattn_bwd_dkdv_kernel(const Xattn_bwd_params params) {
     constexpr int kStride = Traits::kSmemStride;
     extern __shared__ __align__(16) unsigned char smem[];
 
@@ -194,7 +209,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dkdv_kernel(const
     const int b = blockIdx.z / params.heads, h = blockIdx.z % params.heads;
     const int N = params.num_queries, M = params.num_keys;
     const bool use_dout = params.v_ptr != nullptr && params.dout_ptr != nullptr;
-    const bool has_dmaps = params.dmaps_ptr != nullptr;
+    const bool has_dmaps = has_map_gradient(params);
 
     const auto layout = xattn_bwd_dkdv_smem_layout<Traits>(use_dout, has_dmaps);
     Element* k_s = reinterpret_cast<Element*>(smem + layout.k);
@@ -247,7 +262,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dkdv_kernel(const
                                   h * params.dout_strides.head + row0 * params.dout_strides.row;
             load_rows_to_smem<Traits>(do_s, dout, params.dout_strides.row, rows_valid, Traits::kBlockQ);
         }
-        for (int i = threadIdx.x; i < Traits::kBlockQ; i += Traits::kNThreads) {
+        for (int i = threadIdx.x; i < Traits::kBlockQ; i += Traits::kDkdvThreads) {
             lse_s[i] = i < rows_valid ? params.lse_ptr[bh * N + row0 + i] * kLog2e : INFINITY;
             delta_s[i] = i < rows_valid ? params.delta_ptr[bh * N + row0 + i] : 0.f;
         }
@@ -318,15 +333,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_bwd_dkdv_kernel(const
 // ------------------------------------------------------------------------------------------------------
 // ordered sum of the split partials
 // ------------------------------------------------------------------------------------------------------
-// out[i] = sum over s = 0, 1, ..., splits - 1 of partial[s * numel + i], rounded once to Element.
+// out[b, h, m, d] (through out_strides) = sum over s = 0, 1, ..., splits - 1 of partial[s][b, h, m, d]
+// ([B, H, M, D] contiguous per split), rounded once to Element.
 template <typename Element>
 __global__ void xattn_bwd_reduce_kernel(const float* __restrict__ partial, Element* __restrict__ out,
+                                        Xattn_strides out_strides, int heads, int keys, int head_dim,
                                         int64_t numel, int splits) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         float acc = 0.f;
         for (int s = 0; s < splits; ++s) acc += partial[s * numel + i];
-        out[i] = ElementOps<Element>::from_float(acc);
+        const int64_t d = i % head_dim, row = i / head_dim;
+        const int64_t m = row % keys, bh = row / keys;
+        const int64_t offset = (bh / heads) * out_strides.batch + (bh % heads) * out_strides.head + m * out_strides.row + d;
+        out[offset] = ElementOps<Element>::from_float(acc);
     }
 }
 
