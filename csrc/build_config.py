@@ -6,7 +6,7 @@ NVCC_THREADS.
 
 The build compiles every ``csrc/instantiations/*.cu`` with ``-Xptxas -v``; the ptxas report (registers,
 spills, stack per kernel and arch) is parsed into ``semfid/_cuda_resources.json`` next to the built
-extension, which ``python -m semfid.info --cuda-resources`` prints.
+extension, which ``python -m semfid.info --cuda-resources`` (``csrc/resources.py``) prints.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+from .resources import RESOURCES_FILE
+
 DEFAULT_ARCHS = "80;90"
-RESOURCES_FILE = "_cuda_resources.json"
 # Memory one nvcc job may take: the instantiations include no torch headers (~0.5 GB each); the one
 # file that does (semfid_api.cpp) takes ~1.5 GB.
 _GB_PER_JOB = 2.0

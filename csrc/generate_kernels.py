@@ -3,8 +3,9 @@
 
 * ``csrc/instantiations/``: one small .cu per (launcher, head dim, dtype), so nvcc compiles them in
   parallel and a change to one kernel rebuilds only its files;
-* ``csrc/limits.h``: the same limits as C++ constants, and ``HEADDIM_SWITCH``, for the host code
-  (``semfid_api.cpp``: argument checks and their error messages) and the kernels.
+* ``csrc/semfid_limits.h``: the same limits as C++ constants, and ``HEADDIM_SWITCH``, for the host
+  code (``semfid_api.cpp``: argument checks and their error messages) and the kernels. (Not
+  ``limits.h``: csrc/ is on the include path, where that name would shadow the C library's.)
 
     python csrc/generate_kernels.py          # rewrite the files (they are committed)
     python csrc/generate_kernels.py --check  # exit 1 if a file is missing or differs
@@ -109,7 +110,7 @@ def kernel_files() -> dict:
 def generated_files() -> dict:
     """{path relative to csrc/: contents} of everything this script writes."""
     files = {f"instantiations/{name}": text for name, text in kernel_files().items()}
-    files["limits.h"] = limits_header()
+    files["semfid_limits.h"] = limits_header()
     return files
 
 

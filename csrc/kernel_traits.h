@@ -11,7 +11,7 @@
 //     dK/dV of the splits are summed in order.
 #pragma once
 
-#include "limits.h"
+#include "semfid_limits.h"
 
 // The layout helpers below run on the host (launch code, semfid_api.cpp) and in the kernels.
 #ifdef __CUDACC__

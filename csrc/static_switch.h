@@ -1,6 +1,6 @@
 // Turn runtime values into compile-time constants for the explicit kernel instantiations:
 //
-//   HEADDIM_SWITCH(head_dim, [&] { run<kHeadDim>(...); });   from limits.h (generated from the limits table)
+//   HEADDIM_SWITCH(head_dim, [&] { run<kHeadDim>(...); });   from semfid_limits.h (generated from the limits table)
 //   ELEMENT_SWITCH(is_bf16, [&] { run<Element>(...); });     Element in {__half, __nv_bfloat16}
 //
 // The lambda runs with the constant in scope. semfid_api.cpp checks the head dim against
@@ -10,7 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "limits.h"
+#include "semfid_limits.h"
 
 #define ELEMENT_SWITCH(IS_BF16, ...)            \
     [&] {                                       \

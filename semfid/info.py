@@ -89,9 +89,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return _compile_check.main(rest)
     if args.cuda_resources:
-        from semfid import _cuda_resources
-
-        return _cuda_resources.main(rest)
+        try:  # a CI tool beside the CUDA sources (csrc/resources.py), importable from the repository root
+            from csrc import resources
+        except ImportError:
+            print("the CUDA resource report is csrc/resources.py: run this from the repository root")
+            return 1
+        return resources.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     print(report())

@@ -1,30 +1,30 @@
 """Adapter to the hand-written CUDA kernels of the extension ``semfid._C`` (``csrc/``).
 
 Opt-in only: the kernels compile and link on machines without a GPU, but ``backend="auto"`` must not
-choose them until the GPU test suite (``pytest -m gpu tests/test_cuda_ext.py``) has passed on a real
-device, so ``AUTO_DEVICES`` stays empty and ``status()`` says so. Use ``backend="cuda"`` or
+choose them until they are validated on a real device (``AUTO_DEVICES`` stays empty; the self-test
+hook of :mod:`semfid.backends.base` decides per GPU). Use ``backend="cuda"`` or
 ``SEMFID_BACKEND=cuda``.
 
-What the kernels take: CUDA tensors in float16 / bfloat16, at most 128 keys per head (staged in shared
-memory once per block), head dims 40, 64, 80, 128, 160 (SD1.5 and SDXL), and a value dim equal to the
-head dim. The extension copies k and v to contiguous memory (they are small) and reads q and dout
-through their strides (copying only when rows are not 16-byte aligned); outputs have the layouts of
-the fake implementations in :mod:`semfid.ops` (``out`` contiguous, ``dq`` like ``q``).
+What the kernels take (the table :mod:`semfid.backends.cuda_limits`, which ``csrc/`` is generated
+from): CUDA tensors in float16 / bfloat16, at most ``MAX_KEYS`` keys per head (staged in shared
+memory once per block) and ``MAX_SELECTED`` tokens per row, head dims ``HEAD_DIMS`` (SD1.5 and
+SDXL), and a value dim equal to the head dim. Inputs are read through their strides (diffusers'
+transposed views are not copied); ``out`` has [B, N, H, Dv] memory and every gradient the strides of
+its input, as :mod:`semfid.backends.base` requires.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from .. import _cpp_lib
-from .._inputs import XattnInputs
-from . import register_backend
-from .base import BackendBase, BackwardResult, ForwardResult
-
-SUPPORTED_HEAD_DIMS = (40, 64, 80, 128, 160)
+from .._inputs import SubjectInputs, XattnInputs
+from . import cuda_limits, register_backend
+from .base import (BackendBase, BackwardResult, ForwardResult, SubjectBackwardResult,
+                   SubjectForwardResult)
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,10 +35,14 @@ def _device_limits(index: int) -> Tuple[Tuple[int, int], Optional[int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_needed(head_dim: int, num_keys: int, backward: bool) -> int:
+def _smem_needed(subject: bool, head_dim: int, num_keys: int, num_selected: int, backward: bool) -> int:
     """Largest shared memory one block of the kernels of a pass asks for (semfid_C::smem_bytes)."""
-    kernels = ("fwd", "bwd_dq", "bwd_dkdv") if backward else ("fwd",)
-    return max(int(torch.ops.semfid_C.smem_bytes(k, head_dim, num_keys)) for k in kernels)
+    if subject:
+        kernels = ("subject_fwd", "subject_bwd_dq", "bwd_dkdv") if backward else ("subject_fwd",)
+    else:
+        kernels = ("xattn_fwd", "xattn_bwd_dq", "bwd_dkdv") if backward else ("xattn_fwd",)
+    return max(int(torch.ops.semfid_C.smem_bytes(k, head_dim, num_keys, max(1, num_selected)))
+               for k in kernels)
 
 
 @register_backend
@@ -46,10 +50,10 @@ class CudaBackend(BackendBase):
     NAME = "cuda"
     SUPPORTED_DEVICES = frozenset({"cuda"})
     SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16})
-    MAX_HEAD_DIM = max(SUPPORTED_HEAD_DIMS)
-    MAX_KEYS = 128
+    MAX_HEAD_DIM = max(cuda_limits.HEAD_DIMS)
+    MAX_KEYS = cuda_limits.MAX_KEYS
     PRIORITY = 20
-    # Empty until the GPU tests have passed on a real device (issue 5): "auto" never picks cuda.
+    # Empty until the kernels are validated on real hardware: "auto" never picks cuda by itself.
     AUTO_DEVICES = frozenset()
 
     @classmethod
@@ -64,18 +68,20 @@ class CudaBackend(BackendBase):
         return "compiled, not yet validated on a GPU (opt-in: backend='cuda')"
 
     @classmethod
-    def not_supported_reasons(cls, inp: XattnInputs) -> List[str]:
+    def not_supported_reasons(cls, inp: Union[XattnInputs, SubjectInputs]) -> List[str]:
         reasons = super().not_supported_reasons(inp)
-        if inp.head_dim not in SUPPORTED_HEAD_DIMS:
-            reasons.append(f"head_dim={inp.head_dim} (supported: {list(SUPPORTED_HEAD_DIMS)})")
+        if inp.head_dim not in cuda_limits.HEAD_DIMS:
+            reasons.append(f"head_dim={inp.head_dim} (supported: {list(cuda_limits.HEAD_DIMS)})")
         if inp.v is not None and inp.value_dim != inp.head_dim:
             reasons.append(f"value_dim={inp.value_dim} != head_dim={inp.head_dim}")
+        if inp.num_selected > cuda_limits.MAX_SELECTED:
+            reasons.append(f"num_selected={inp.num_selected} > {cuda_limits.MAX_SELECTED}")
         if not reasons and inp.device.type == "cuda":
             reasons.extend(cls._device_reasons(inp))
         return reasons
 
     @staticmethod
-    def _device_reasons(inp: XattnInputs) -> List[str]:
+    def _device_reasons(inp: Union[XattnInputs, SubjectInputs]) -> List[str]:
         """The GPU itself: sm_80+ (mma.sync), and enough shared memory per block for these shapes
         (e.g. sm_86 / sm_89 have 99 KiB, less than the head dim 160 backward needs)."""
         if torch.compiler.is_compiling():
@@ -84,24 +90,33 @@ class CudaBackend(BackendBase):
         (major, minor), smem_limit = _device_limits(index)
         if (major, minor) < (8, 0):
             return [f"compute capability {major}.{minor} < 8.0 (the kernels use sm_80 tensor-core mma.sync)"]
-        backward = any(t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v))
-        needed = _smem_needed(inp.head_dim, inp.num_keys, backward)
+        subject = isinstance(inp, SubjectInputs)
+        needed = _smem_needed(subject, inp.head_dim, inp.num_keys, inp.num_selected, inp.needs_grad)
         if smem_limit is not None and needed > smem_limit:
-            what = "forward + backward" if backward else "forward"
+            what = "forward + backward" if inp.needs_grad else "forward"
             return [f"{what} needs {needed} bytes of shared memory per block for head_dim={inp.head_dim}, "
-                    f"num_keys={inp.num_keys}; this GPU allows {smem_limit}"]
+                    f"num_keys={inp.num_keys}, num_selected={inp.num_selected}; this GPU allows {smem_limit}"]
         return []
 
     @staticmethod
     def forward(inp: XattnInputs) -> ForwardResult:
-        out, lse, maps = torch.ops.semfid_C.fwd(inp.q, inp.k, inp.v, inp.bias, inp.select,
-                                                float(inp.scale), bool(inp.mean_heads))
-        return out, lse, maps
+        return torch.ops.semfid_C.xattn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale),
+                                            bool(inp.mean_heads))
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
-        dq, dk, dv = torch.ops.semfid_C.bwd(
-            inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale), bool(inp.mean_heads), out,
-            lse, dout, dmaps,
-        )
-        return dq, dk, dv
+        return torch.ops.semfid_C.xattn_bwd(inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale),
+                                            bool(inp.mean_heads), out, lse, dout, dmaps)
+
+    @staticmethod
+    def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        return torch.ops.semfid_C.subject_fwd(
+            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
+            float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), bool(inp.return_maps))
+
+    @staticmethod
+    def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps) -> SubjectBackwardResult:
+        return torch.ops.semfid_C.subject_bwd(
+            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
+            float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), out, lse, lse_ref, diff, dout,
+            dloss, dmaps)

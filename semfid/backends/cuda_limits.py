@@ -1,7 +1,7 @@
 """What the CUDA kernels of ``csrc/`` support: the one table every consumer reads.
 
 * ``csrc/generate_kernels.py`` writes one instantiation per (head dim, dtype) from it, and the C++
-  header ``csrc/limits.h`` (the constants and the head-dim switch the host code and the error
+  header ``csrc/semfid_limits.h`` (the constants and the head-dim switch the host code and the error
   messages of ``semfid_api.cpp`` use);
 * the adapter :mod:`semfid.backends.cuda` explains refusals with it, without loading the extension.
 

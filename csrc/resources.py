@@ -1,4 +1,5 @@
-"""Per-kernel resources of the built CUDA extension: ``python -m semfid.info --cuda-resources``.
+"""Per-kernel resources of the built CUDA extension: ``python -m semfid.info --cuda-resources``
+(run from the repository root: this CI tool lives beside the sources it checks, not in the package).
 
 Two checks that need no GPU:
 
@@ -8,6 +9,9 @@ Two checks that need no GPU:
   extension loads);
 * ``--sass``: the disassembly of ``semfid/_C*.so`` (``cuobjdump -sass``), counting the tensor-core
   instructions (HMMA) per kernel and arch: every attention kernel must use them.
+
+``RESOURCES_FILE`` and :func:`find_cuda_tool` are the one definition the build (``build_config.py``)
+uses too.
 """
 
 from __future__ import annotations
@@ -22,15 +26,23 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
+#: The ptxas report's file name, next to the built extension in the ``semfid`` package.
 RESOURCES_FILE = "_cuda_resources.json"
-_NAME = re.compile(r"(xattn_\w+?_kernel)<(?:semfid::Xattn_kernel_traits<(\d+)>, )?(__half|__nv_bfloat16)>")
-_MANGLED = re.compile(r"(xattn_\w+?_kernel)I(?:NS_19Xattn_kernel_traitsILi(\d+)EEE)?(6__half|13__nv_bfloat16)")
+_NAME = re.compile(r"((?:xattn|subject)_\w+?_kernel)(?:<(?:semfid::Xattn_kernel_traits<(\d+)>, )?(__half|__nv_bfloat16)>)?")
+_MANGLED = re.compile(r"((?:xattn|subject)_\w+?_kernel)(?:I(?:NS_19Xattn_kernel_traitsILi(\d+)EEE)?(6__half|13__nv_bfloat16))?")
 _DTYPES = {"__half": "fp16", "6__half": "fp16", "__nv_bfloat16": "bf16", "13__nv_bfloat16": "bf16"}
-_SMEM_KIND = {"xattn_fwd_kernel": "fwd", "xattn_bwd_dq_kernel": "bwd_dq", "xattn_bwd_dkdv_kernel": "bwd_dkdv"}
+# kernel -> the semfid_C::smem_bytes kind of its largest configuration
+_SMEM_KIND = {"xattn_fwd_kernel": "subject_fwd", "xattn_bwd_dq_kernel": "xattn_bwd_dq",
+              "subject_bwd_dq_kernel": "subject_bwd_dq", "xattn_bwd_dkdv_kernel": "bwd_dkdv"}
+# kernels without tensor-core work (reductions)
+_NO_MMA = ("xattn_bwd_reduce_kernel", "xattn_loss_reduce_kernel")
 
 
 def report_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), RESOURCES_FILE)
+    """Where the build wrote the report: beside the ``semfid`` package that Python imports."""
+    spec = importlib.util.find_spec("semfid")
+    package_dir = list(spec.submodule_search_locations)[0] if spec is not None else "semfid"
+    return os.path.join(package_dir, RESOURCES_FILE)
 
 
 def extension_path() -> Optional[str]:
@@ -49,23 +61,24 @@ def load_report() -> Optional[dict]:
 
 def kernel_label(name: str) -> Tuple[str, Optional[int], str]:
     """(kernel, head dim or None, dtype) from a demangled or mangled kernel name."""
-    m = _NAME.search(name) or _MANGLED.search(name)
+    m = (_NAME if "<" in name or "::" in name else _MANGLED).search(name)
     if m is None:
         return name, None, "?"
-    return m.group(1), int(m.group(2)) if m.group(2) else None, _DTYPES.get(m.group(3), m.group(3))
+    return m.group(1), int(m.group(2)) if m.group(2) else None, _DTYPES.get(m.group(3), m.group(3) or "-")
 
 
 def _smem_bytes(kernel: str, head_dim: Optional[int], num_keys: int) -> Optional[int]:
+    """Dynamic shared memory of one block for num_keys keys and as many selected tokens."""
     kind = _SMEM_KIND.get(kernel)
     if kind is None or head_dim is None:
-        return 0 if kernel == "xattn_bwd_reduce_kernel" else None
-    from . import _cpp_lib
+        return 0 if kernel in _NO_MMA else None
+    from semfid import _cpp_lib
 
     if not _cpp_lib.is_built():
         return None
     import torch
 
-    return int(torch.ops.semfid_C.smem_bytes(kind, head_dim, num_keys))
+    return int(torch.ops.semfid_C.smem_bytes(kind, head_dim, num_keys, num_keys))
 
 
 def resource_rows(report: dict) -> List[Dict[str, object]]:
@@ -82,22 +95,23 @@ def resource_rows(report: dict) -> List[Dict[str, object]]:
     return rows
 
 
-def find_cuobjdump() -> Optional[str]:
-    """cuobjdump from PATH, the CUDA toolkit, or the copy bundled with Triton (a torch dependency)."""
-    found = shutil.which("cuobjdump")
+def find_cuda_tool(name: str) -> Optional[str]:
+    """A CUDA binary tool (cuobjdump, nvdisasm, ptxas) from PATH, the CUDA toolkit (CUDA_HOME,
+    CUDA_PATH, /usr/local/cuda) or the copy bundled with Triton (a torch dependency), or None."""
+    found = shutil.which(name)
     if found:
         return found
-    candidates = [os.path.join(home, "bin", "cuobjdump")
+    candidates = [os.path.join(home, "bin", name)
                   for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if home]
     triton = importlib.util.find_spec("triton")
     if triton is not None and triton.origin:
-        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", "cuobjdump"))
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", name))
     return next((c for c in candidates if os.path.exists(c)), None)
 
 
 def hmma_counts(so_path: str) -> Dict[Tuple[str, str], int]:
     """{(mangled kernel, sm_XX): number of HMMA instructions} from ``cuobjdump -sass``."""
-    cuobjdump = find_cuobjdump()
+    cuobjdump = find_cuda_tool("cuobjdump")
     if cuobjdump is None:
         raise FileNotFoundError("cuobjdump not found (put the CUDA toolkit's bin/ on PATH, set CUDA_HOME, "
                                 "or install triton, which bundles it)")
@@ -164,7 +178,7 @@ def main(argv=None) -> int:
           + (": " + ", ".join(f"{r['kernel']}/hdim{r['head_dim']}/{r['dtype']}/{r['arch']}" for r in spilling)
              if spilling else ""))
     if args.sass:
-        missing = [r for r in rows if r["kernel"] != "xattn_bwd_reduce_kernel" and not r.get("hmma")]
+        missing = [r for r in rows if r["kernel"] not in _NO_MMA and not r.get("hmma")]
         print("HMMA check: " + ("every attention kernel uses tensor cores" if not missing else
                                 "NO HMMA in " + ", ".join(f"{r['kernel']}/hdim{r['head_dim']}/{r['arch']}" for r in missing)))
         return 1 if missing else 0
