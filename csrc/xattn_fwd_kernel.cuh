@@ -213,7 +213,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) xattn_fwd_kernel(const Xatt
 
 // loss[b] = factor * sum of the `count` partials of batch item b, in a fixed order: lane l adds
 // partials l, l + 32, ... in order, then the lanes are summed by a fixed butterfly. One warp per b.
-__global__ void xattn_loss_reduce_kernel(const float* __restrict__ partial, float* __restrict__ loss, int count,
+// `static`: every forward instantiation file includes this header, each keeps its own copy.
+static __global__ void xattn_loss_reduce_kernel(const float* __restrict__ partial, float* __restrict__ loss, int count,
                                          float factor) {
     const int b = blockIdx.x;
     float acc = 0.f;

@@ -177,8 +177,9 @@ def test_resource_report_has_every_kernel_and_no_forward_spills():
             for dtype in ("fp16", "bf16"):
                 found = {r["arch"] for r in rows if (r["kernel"], r["head_dim"], r["dtype"]) == (kernel, head_dim, dtype)}
                 assert found == archs, f"{kernel} hdim{head_dim} {dtype}: compiled for {found}, expected {archs}"
-    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    assert not spilling, f"kernels spill registers: {spilling}"
+    forward = [r for r in rows if r["kernel"] == "xattn_fwd_kernel"]
+    spilling = [r for r in forward if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"forward kernels spill registers: {spilling}"
     assert resources.main([]) == 0
 
 
