@@ -46,7 +46,7 @@ class SefiTrainer:
     Args:
         components (:class:`~semfid.sefi.pipeline.Components`): the frozen pipeline parts, on their device.
         images (`list` of `PIL.Image.Image`): subject images.
-        config (:class:`TrainConfig`): validated configuration.
+        config (:class:`~semfid.sefi.config.TrainConfig`): validated configuration.
         accelerator (`accelerate.Accelerator`, *optional*): device placement, mixed precision and
             distributed training; a plain single-process one is created when omitted.
 
@@ -269,7 +269,7 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
         resume (`str` or `os.PathLike`, *optional*): ``"latest"`` (the newest checkpoint in
             ``output``) or a checkpoint folder.
         progress (`bool`, *optional*, defaults to True): show a tqdm bar with both loss terms.
-        **options: fields of :class:`TrainConfig` (``steps``, ``placeholder``, ``class_word``,
+        **options: fields of :class:`~semfid.sefi.config.TrainConfig` (``steps``, ``placeholder``, ``class_word``,
             ``template``, ``stages``, ``attn_loss_weight``, ``lr``, ``seed``, ``mixed_precision``,
             ``gradient_checkpointing``, ...).
 
