@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 import semfid
-from semfid._inputs import XattnInputs
+from semfid._inputs import SubjectInputs, XattnInputs
 from semfid.backends import ENV_VAR, registered_backends, select_backend
 
 #: flag -> (module whose ``main(argv) -> int`` runs the tool, help); imported only when the flag is given
@@ -28,7 +28,7 @@ TOOLS = {
     "--cuda-resources": ("semfid._cuda_resources", "registers/spills/shared memory of the built CUDA kernels"),
 }
 
-PROBE = "SD1.5 fp16, 8x40 heads, 77 keys, 10 selected tokens"
+PROBE = "SD1.5 fp16 layer, 8x40 heads, 77 keys, 10 selected tokens"
 
 
 def _version(module: str) -> str:
@@ -38,12 +38,14 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__})"
 
 
-def _probe(device: str) -> XattnInputs:
-    """A typical SD1.5 cross-attention input: fp16, 8 heads x 40, 77 keys, 10 selected tokens."""
+def _probes(device: str) -> dict:
+    """Typical SD1.5 inputs of each op (fp16, 8 heads x 40, 77 keys, 10 tokens), by public function."""
     def t(n: int) -> torch.Tensor:
         return torch.zeros(1, 8, n, 40, dtype=torch.float16, device=device)
 
-    return XattnInputs.validate(t(4), t(77), t(77), select=list(range(10)))
+    tokens = list(range(10))
+    return {"cross_attention": XattnInputs.validate(t(4), t(77), t(77), select=tokens),
+            "subject_attention": SubjectInputs.validate(t(4), t(77), t(77), t(77), tokens=tokens)}
 
 
 def _devices() -> List[str]:
@@ -84,23 +86,27 @@ def backends() -> List[str]:
             lines.append(f"          why unusable: {missing}")
             continue
         for dev in _devices():
-            reasons = b.not_supported_reasons(_probe(dev))
-            verdict = "runs it" if not reasons else "cannot: " + "; ".join(reasons)
-            lines.append(f"          probe on {dev}: {verdict}")
+            for op, inp in _probes(dev).items():
+                reasons = b.not_supported_reasons(inp)
+                verdict = "runs it" if not reasons else "cannot: " + "; ".join(reasons)
+                lines.append(f"          {op} probe on {dev}: {verdict}")
+            refusal = b.auto_refusal(torch.device(dev))
+            lines.append(f"          auto may pick it on {dev}: {'yes' if refusal is None else 'no, ' + refusal}")
     return lines
 
 
 def paths() -> List[str]:
-    """The backend ``backend="auto"`` picks for the probe on the CPU and on a CUDA GPU."""
-    lines = [f"backend='auto' picks, for the probe ({ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}):"]
+    """The backend ``backend="auto"`` picks for each probe on the CPU and on a CUDA GPU."""
+    lines = [f"backend='auto' picks, for the probes ({ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}):"]
     for dev in ("cpu", "cuda"):
         if dev == "cuda" and not torch.cuda.is_available():
             lines.append("  cuda: no GPU visible")
             continue
-        try:
-            lines.append(f"  {dev}: {select_backend(_probe(dev)).NAME}")
-        except ValueError as exc:
-            lines.append(f"  {dev}: none ({str(exc).splitlines()[0]})")
+        for op, inp in _probes(dev).items():
+            try:
+                lines.append(f"  {op} on {dev}: {select_backend(inp).NAME}")
+            except ValueError as exc:
+                lines.append(f"  {op} on {dev}: none ({str(exc).splitlines()[0]})")
     return lines
 
 
