@@ -203,6 +203,22 @@ def test_layout_and_subject_token_alignment(sd15_components):
     assert ref.eos_index == 7 + m
 
 
+def test_encode_key_value_equals_two_separate_encodings(sd15_components):
+    enc = PromptEncoder(sd15_components.tokenizers, sd15_components.text_encoders, "sd15")
+    prompts = ["a photo of <a>", "<a> and <b> in a park"]
+    layouts = [enc.layout(p, {"<a>": 1, "<b>": 2}) for p in prompts]
+    gen = torch.Generator().manual_seed(0)
+    a = [(torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen))]  # per prompt
+    b = [(torch.randn(1, 2, 32, generator=gen), torch.randn(1, 2, 32, generator=gen))]  # shared
+    with torch.no_grad():
+        keys, values = enc.encode_key_value(layouts, {"<a>": a, "<b>": b})
+        for role, states in ((0, keys), (1, values)):
+            fills = [{"<a>": [a[0][role][i]], "<b>": [b[0][role][0]]} for i in range(2)]
+            expect = enc.encode(layouts, fills)
+            torch.testing.assert_close(states.hidden, expect.hidden, rtol=1e-6, atol=1e-6)
+    assert keys.pooled is None and not torch.equal(keys.hidden, values.hidden)
+
+
 # ------------------------------------------------------------------------------------------------
 # command-line options come from the config dataclasses
 # ------------------------------------------------------------------------------------------------
