@@ -138,7 +138,7 @@ def attend(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
     wq, wv = _padded_widths(q.device.type, q.shape[-1], width)
     mask, keep = _mask(bias, q.dtype)
     out, lse = _fused_with_lse(_pad_last(q, wq), _pad_last(k, wq), _pad_last(vv, wv), mask, scale)
-    out, lse = out[..., :width], lse.to(accumulation_dtype(q.dtype))
+    out, lse = out[..., :width], lse.to(accumulation_dtype(q.dtype)).contiguous()
     if keep is not None:
         out = out * keep
         lse = lse.masked_fill(keep[..., 0] == 0, float("inf"))
@@ -180,7 +180,7 @@ def like(t: Tensor, grad: Optional[Tensor]) -> Tensor:
 def head_reduce(a: Tensor, mean_heads: bool) -> Tensor:
     """Per-head maps [B, H, N, S] in the accumulation dtype, averaged over heads if asked."""
     a = a.to(accumulation_dtype(a.dtype))
-    return a.mean(dim=1) if mean_heads else a
+    return a.mean(dim=1) if mean_heads else a.contiguous()
 
 
 def per_head_grad(g: Tensor, heads: int, mean_heads: bool, dtype: torch.dtype) -> Tensor:
@@ -282,10 +282,7 @@ def subject_forward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Option
     diff = a_t - head_reduce(o_ref, mean_heads)
     w = _column_weights(weights, tokens, acc)
     loss = (diff.square() * _broadcast(w, diff)).flatten(1).sum(dim=1) / (N * (1 if mean_heads else H))
-    if return_maps:
-        maps = a_t if weights is None else a_t * _broadcast(weights > 0, a_t)
-    else:
-        maps = q.new_empty(0, dtype=acc)
+    maps = a_t if return_maps else q.new_empty(0, dtype=acc)  # ragged padding: zeroed by semfid.ops
     if detach_reference and mean_heads:
         lse_ref = q.new_empty(0, dtype=acc)
     return (out_layout(o[..., : v.shape[-1]]), lse, lse_ref, loss, maps,
@@ -319,8 +316,7 @@ def subject_backward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Optio
         d = diff if mean_heads else a_t.detach().to(acc) - o_r.detach().to(acc)
         c = 2.0 * dloss.to(acc) / (N * (1 if mean_heads else H))
         g = _broadcast(c[:, None] * _column_weights(weights, tokens, acc), d) * d
-    g_t = g if dmaps is None else g + (dmaps if weights is None
-                                       else dmaps * _broadcast(weights > 0, dmaps))
+    g_t = g if dmaps is None else g + dmaps.to(acc)
     d_o = per_head_grad(g_t, H, mean_heads, q.dtype)
     if vg is not None:
         d_o = torch.cat([dout.to(q.dtype), d_o], dim=-1)
@@ -336,7 +332,8 @@ def subject_backward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Optio
 # ------------------------------------------------------------------------------------------------
 # the backend
 # ------------------------------------------------------------------------------------------------
-from . import register_backend  # noqa: E402  (after the math: the module is importable on its own)
+from .._inputs import SubjectInputs, XattnInputs  # noqa: E402
+from . import register_backend  # noqa: E402  (after the math: the functions import on their own)
 from .base import BackendBase  # noqa: E402
 
 
@@ -357,7 +354,24 @@ class SdpaBackend(BackendBase):
     def status(cls) -> str:
         return "PyTorch's own fused SDPA kernels (augmented values); auto on CUDA"
 
-    forward = staticmethod(xattn_forward)
-    backward = staticmethod(xattn_backward)
-    subject_forward = staticmethod(subject_forward)
-    subject_backward = staticmethod(subject_backward)
+    @staticmethod
+    def forward(inp: XattnInputs):
+        return xattn_forward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads)
+
+    @staticmethod
+    def backward(inp: XattnInputs, out, lse, dout, dmaps):
+        return xattn_backward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads,
+                              out, lse, dout, dmaps)
+
+    @staticmethod
+    def subject_forward(inp: SubjectInputs):
+        return subject_forward(*_subject_args(inp), inp.return_maps)
+
+    @staticmethod
+    def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps):
+        return subject_backward(*_subject_args(inp), out, lse, lse_ref, diff, dout, dloss, dmaps)
+
+
+def _subject_args(inp: SubjectInputs) -> tuple:
+    return (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference)
