@@ -112,7 +112,7 @@ def verdict_for(backend_name: str, device: torch.device) -> Verdict:
             record = cache.load_cached(key)
             if record is not None and (mode != "force" or record.get("created", 0) >= requested):
                 return _from_record(record, "cache")
-            record = run_selftest(cls, torch.device(device), quick=torch.device(device).type != "cuda")
+            record = run_selftest(cls, torch.device(device))
             path = cache.save_cached(record)
     except cache.CacheUnusable as exc:
         _warn_once(("cache", str(cache.cache_dir())),

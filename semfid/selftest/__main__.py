@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing is not None:
             print(f"{name}: not run ({missing})")
             continue
-        record = run_selftest(cls, device, quick=args.quick, verbose=args.verbose)
+        record = run_selftest(cls, device, quick=args.quick or None, verbose=args.verbose)
         ran += 1
         key = record["key"]
         print(f"{name}: {'PASSED' if record['passed'] else 'FAILED'} on {key['device']} "

@@ -209,23 +209,22 @@ def run_case(case: Case, backend: str, device) -> Tuple[str, str]:
 def digest(backend: str, device, quick: bool) -> str:
     """SHA-256 of dq, dk, dv, dk_ref of one fixed subject case: equal in every process and run
     when the backward is deterministic (no autotune- or SM-count-dependent accumulation order)."""
-    dims = HEAD_DIMS.get(backend, DEFAULT_HEAD_DIMS)
-    case = (Case("subject", dims[0], 17, 7, 3, "mean", "neg_inf", "float16", True, detach=False)
-            if quick else
-            Case("subject", dims[0], 4096, 77, 7, "mean", "neg_inf", "float16", True, detach=False))
-    ins, kw, g = _inputs(case, device)
-    leaves = [_leaf(t) for t in ins]
-    try:
-        got = _call(case, leaves, kw, backend, upcast=False)
-    except ValueError as exc:
-        if "was requested but cannot run" in str(exc):
-            return "unsupported"
-        raise
-    ups = _upstream(g, got, _names(case)[0])
-    h = hashlib.sha256()
-    for t in _grads(got, ups, leaves):
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    D, N, M = HEAD_DIMS.get(backend, DEFAULT_HEAD_DIMS)[0], 17 if quick else 4096, 7 if quick else 77
+    for op in ("subject", "xattn"):  # the cross_attention pass when there is no fused subject op
+        case = Case(op, D, N, M, 7 if M > 7 else 3, "mean", "neg_inf", "float16", True, detach=False)
+        ins, kw, g = _inputs(case, device)
+        leaves = [_leaf(t) for t in ins]
+        try:
+            got = _call(case, leaves, kw, backend, upcast=False)
+        except ValueError as exc:
+            if "was requested but cannot run" in str(exc):
+                continue
+            raise
+        h = hashlib.sha256()
+        for t in _grads(got, _upstream(g, got, _names(case)[0]), leaves):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+    return "unsupported"
 
 
 def run_battery(backend: str, device, quick: bool, log=None) -> dict:

@@ -86,12 +86,16 @@ def _spawn(args: List[str], timeout: float, verbose: bool) -> dict:
         return json.loads(report.read_text())
 
 
-def run_selftest(cls: type, device: torch.device, *, quick: bool, verbose: bool = False) -> dict:
-    """Run the battery for backend class ``cls`` on ``device``; the verdict record (not saved)."""
+def run_selftest(cls: type, device: torch.device, *, quick: Optional[bool] = None,
+                 verbose: bool = False) -> dict:
+    """Run the battery for backend class ``cls`` on ``device``; the verdict record (not saved).
+    ``quick`` defaults to the full battery on a GPU and the quick one elsewhere."""
     from .cache import verdict_key
 
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     run_device = os.environ.get(DEVICE_ENV) or str(device)
+    if quick is None:
+        quick = torch.device(run_device).type != "cuda"
     args = ["--backend", cls.NAME, "--device", run_device] + (["--quick"] if quick else [])
     args += ["--backend-module", backend_spec(cls)]
     start = time.monotonic()
