@@ -141,7 +141,7 @@ def child_main(argv: Optional[List[str]] = None) -> int:
     if args.backend_module:
         import_backend(args.backend_module)
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if args.digest_only:
         report = {"digest": battery.digest(args.backend, device, args.quick)}
