@@ -8,6 +8,7 @@ CUDA extension show up as reasons in ``python -m semfid.info``.
 __version__ = "0.1.0"
 
 from .backends import available_backends
+from ._inputs import TokenSelection
 from .ops import attention_maps, cross_attention, subject_attention
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "cross_attention",
     "subject_attention",
     "attention_maps",
+    "TokenSelection",
     "available_backends",
 ]

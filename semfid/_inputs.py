@@ -12,6 +12,11 @@ Canonical form handed to a backend:
   over the heads, or ``None``.
 * ``select`` [B, S] int64 on the device of ``q`` (an expanded view when the user gave [S]), or ``None``.
 * ``scale`` a Python float; ``mean_heads`` a bool (``head_reduce == "mean"``).
+
+:class:`SubjectInputs` adds the reference keys ``k_ref`` [B, H, M_ref, D], ``ref_bias`` [B, H, M_ref],
+``ref_tokens`` [B, S] and ``weights`` [B, S] (the per-column loss weight of ragged rows, ``None`` for
+rectangular rows, where every column weighs 1/S). :class:`TokenSelection` is a token list validated
+once (e.g. per UNet call) and reused by many calls with no further check, copy or host sync.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_REDUCTIONS = ("mean", "none")
 
-SelectLike = Union[torch.Tensor, Sequence[int], None]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +49,199 @@ def _describe(t: Optional[torch.Tensor]) -> str:
     return f"shape={tuple(t.shape)} dtype={t.dtype} device={t.device}"
 
 
+def _check_attention_tensors(q, k, v, names: Sequence[str]) -> None:
+    """Types, ranks, dtypes, devices and sizes of q [B, H, N, D], k [B, H, M, D], v [B, H, M, Dv]."""
+    q_name, k_name, v_name = names
+    for name, t in ((q_name, q), (k_name, k), (v_name, v)):
+        if t is None and name == v_name:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims [B, H, {'N' if name == q_name else 'M'}, D], "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    tensors = [(q_name, q), (k_name, k)] + ([(v_name, v)] if v is not None else [])
+    for name, t in tensors[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of {q_name} ({q.dtype}); got {_shapes(tensors)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of {q_name} ({q.device}); got {_shapes(tensors)}")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H:
+        raise ValueError(f"{k_name} must have batch {B} and {H} heads like {q_name}; got {_shapes(tensors)}")
+    if k.shape[3] != D:
+        raise ValueError(f"{k_name} must have head dim {D} like {q_name}; got {_shapes(tensors)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"{k_name} must hold at least one key (M >= 1); got {_shapes(tensors)}")
+    if D == 0:
+        raise ValueError(f"{q_name} must have a head dim >= 1; got {_shapes(tensors)}")
+    if v is not None:
+        if v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"{v_name} must be [B, H, M, Dv] with B, H, M of {k_name}; got {_shapes(tensors)}")
+        if v.shape[3] == 0:
+            raise ValueError(f"{v_name} must have a value dim >= 1; got {_shapes(tensors)}")
+
+
+def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale_f = float(scale)
+    if not math.isfinite(scale_f):
+        raise ValueError(f"scale must be finite, got {scale_f}")
+    return scale_f
+
+
+def _mean_heads(head_reduce: str) -> bool:
+    if not isinstance(head_reduce, str) or head_reduce not in HEAD_REDUCTIONS:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
+    return head_reduce == "mean"
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    r"""Key (token) indices per batch row, validated once and reused without further checks.
+
+    Build it with :meth:`build` (e.g. once per UNet call) and pass it as ``select`` / ``tokens`` /
+    ``ref_tokens``: the ops then only compare its sizes with the call's (no range check, no copy,
+    no host sync).
+
+    Attributes:
+        index (`torch.Tensor` [B, S] int64): the indices, on the device of the ops' inputs (an
+            expanded view when one list serves every row). Rows shorter than S (ragged) are padded
+            with their own first index.
+        weights (`torch.Tensor` [B, S] float32 or `None`): per-column weight of the subject loss,
+            ``1/S_b`` on row b's own columns and 0 on its padding; ``None`` when every row has S
+            tokens (each column then weighs 1/S).
+        lengths (`tuple[int, ...]`): tokens per row, S_b.
+        max_index (`int`): the largest index, for the range check against a call's key count.
+    """
+
+    index: torch.Tensor
+    weights: Optional[torch.Tensor]
+    lengths: Tuple[int, ...]
+    max_index: int
+
+    @property
+    def batch(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def width(self) -> int:
+        """S: columns per row (the longest row's token count)."""
+        return self.index.shape[1]
+
+    @property
+    def ragged(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    def weights_as(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``weights`` computed afresh in ``dtype`` (float64 inputs want 1/S_b to float64)."""
+        if self.weights is None:
+            return None
+        return _loss_weights(self.lengths, self.width, dtype).to(self.device, non_blocking=True)
+
+    def valid_mask(self) -> torch.Tensor:
+        """[B, S] bool: True on each row's own columns, False on ragged padding."""
+        if self.weights is None:
+            return torch.ones(self.index.shape, dtype=torch.bool, device=self.index.device)
+        return self.weights > 0
+
+    @classmethod
+    def build(
+        cls,
+        tokens: "TokensLike",
+        *,
+        batch: int,
+        num_keys: int,
+        device: Union[torch.device, str, None] = None,
+        name: str = "tokens",
+    ) -> "TokenSelection":
+        """Validate ``tokens`` for ``batch`` rows of ``num_keys`` keys and place them on ``device``.
+
+        Args:
+            tokens: [S] (shared by every row) or [B, S] integer tensor / list, or a ragged list of
+                B per-row lists (each non-empty), or a ``TokenSelection`` (checked, returned as is
+                when it already lives on ``device``).
+            batch: B, the number of rows.
+            num_keys: M; every index must lie in [0, M).
+            device: where the indices go (defaults to the tensor's device, else CPU).
+            name: the argument name used in error messages.
+
+        Raises:
+            TypeError: not integers. ValueError: wrong rank, row count or an empty row.
+            IndexError: an index outside [0, M).
+        """
+        if isinstance(tokens, TokenSelection):
+            tokens.check(batch, num_keys, name)
+            if device is None or tokens.device == torch.device(device):
+                return tokens
+            return cls(tokens.index.to(device), None if tokens.weights is None else tokens.weights.to(device),
+                       tokens.lengths, tokens.max_index)
+        if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(r, (list, tuple)) for r in tokens):
+            lengths = tuple(len(r) for r in tokens)
+            if len(set(lengths)) > 1:
+                return cls._ragged(tokens, lengths, batch, num_keys, device, name)
+        sel = _normalize_select(tokens, batch, num_keys, device, name, check_range=False)
+        hi = _checked_max(tokens, sel, num_keys, name)
+        return cls(sel, None, (sel.shape[1],) * batch, hi)
+
+    @classmethod
+    def _ragged(cls, rows, lengths, batch, num_keys, device, name) -> "TokenSelection":
+        if len(rows) != batch:
+            raise ValueError(f"{name} must have one row per batch item ([B={batch}, S]), got {len(rows)} rows")
+        flat = [x for row in rows for x in row]
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in flat):
+            raise TypeError(f"{name} must hold integer key indices, got {rows!r}")
+        if min(lengths) == 0:
+            raise ValueError(f"{name}: every row must select at least one key, got row lengths {list(lengths)}")
+        _check_range(name, min(flat), max(flat), num_keys)
+        width = max(lengths)
+        padded = [list(r) + [r[0]] * (width - len(r)) for r in rows]
+        device = torch.device("cpu") if device is None else device
+        index = torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True)
+        w = _loss_weights(lengths, width, torch.float32).to(device, non_blocking=True)
+        return cls(index, w, lengths, max(flat))
+
+    def check(self, batch: int, num_keys: int, name: str) -> None:
+        """Sizes of this selection against a call with ``batch`` rows and ``num_keys`` keys."""
+        if self.batch != batch:
+            raise ValueError(f"{name} was built for batch {self.batch}, but the inputs have batch {batch}")
+        if self.max_index >= num_keys:
+            raise IndexError(
+                f"{name} indices must lie in [0, {num_keys}) (M = number of keys), got max {self.max_index}"
+            )
+
+
+def _loss_weights(lengths: Sequence[int], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, width]: 1/S_b on row b's first S_b columns, 0 on its padding."""
+    return torch.tensor([[1.0 / n] * n + [0.0] * (width - n) for n in lengths], dtype=dtype)
+
+
+TokensLike = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]], TokenSelection, None]
+
+
+def _selection(tokens, B: int, M: int, device: torch.device, name: str) -> TokenSelection:
+    """``tokens`` as a TokenSelection on ``device``; a TokenSelection already there costs only a size check."""
+    if tokens is None:
+        raise ValueError(f"{name} must give key indices ([S], [B, S] or per-row lists), got None")
+    if isinstance(tokens, TokenSelection):
+        tokens.check(B, M, name)
+        if tokens.device != device:
+            raise ValueError(f"{name} must be on the device of q ({device}), got {tokens.device}")
+        return tokens
+    return TokenSelection.build(tokens, batch=B, num_keys=M, device=device, name=name)
+
+
 @dataclass(frozen=True)
 class XattnInputs:
     """The canonical, validated inputs of one fused cross-attention call (see module docstring)."""
@@ -56,6 +253,8 @@ class XattnInputs:
     select: Optional[torch.Tensor]
     scale: float
     mean_heads: bool
+    #: The validated selection behind ``select`` (its ``lengths`` tell ragged padding), or None.
+    selection: Optional[TokenSelection] = None
 
     # ---- sizes, for backends' not_supported_reasons -------------------------------------------
     @property
@@ -94,6 +293,10 @@ class XattnInputs:
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
+    @property
+    def needs_grad(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.q, self.k, self.v))
+
     def summary(self) -> str:
         """One line with every shape, dtype and device, for error messages."""
         return (
@@ -112,7 +315,7 @@ class XattnInputs:
         *,
         scale: Optional[float] = None,
         attn_bias: Optional[torch.Tensor] = None,
-        select: SelectLike = None,
+        select: TokensLike = None,
         head_reduce: str = "mean",
         names: Sequence[str] = ("q", "k", "v", "attn_bias", "select"),
     ) -> "XattnInputs":
@@ -124,10 +327,9 @@ class XattnInputs:
             v: [B, H, M, Dv] values, or ``None`` for a maps-only pass.
             scale: softmax scale, defaults to ``D ** -0.5``.
             attn_bias: additive per-key bias [B, M], [B, 1, M], [B, 1, 1, M] or [B, H, 1, M].
-            select: key indices [S] or [B, S] whose probability columns are returned.
+            select: key indices [S], [B, S], ragged per-row lists or a :class:`TokenSelection`.
             head_reduce: ``"mean"`` or ``"none"``.
-            names: the user-facing argument names, so errors from the reference branch of
-                ``subject_attention`` say ``k_ref`` / ``ref_attn_bias`` / ``ref_tokens``.
+            names: the user-facing argument names used in error messages.
 
         Raises:
             TypeError: wrong Python type or dtype.
@@ -135,60 +337,128 @@ class XattnInputs:
             IndexError: a ``select`` index outside ``[0, M)``.
         """
         q_name, k_name, v_name, bias_name, select_name = names
-        for name, t in ((q_name, q), (k_name, k), (v_name, v)):
-            if t is None and name == v_name:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(
-                    f"{name} must have 4 dims [B, H, {'N' if name == q_name else 'M'}, D], "
-                    f"got shape {tuple(t.shape)}"
-                )
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-                )
-        tensors = [(q_name, q), (k_name, k)] + ([(v_name, v)] if v is not None else [])
-        for name, t in tensors[1:]:
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have the dtype of {q_name} ({q.dtype}); got {_shapes(tensors)}")
-            if t.device != q.device:
-                raise ValueError(f"{name} must be on the device of {q_name} ({q.device}); got {_shapes(tensors)}")
-        B, H, N, D = q.shape
-        if k.shape[0] != B or k.shape[1] != H:
-            raise ValueError(f"{k_name} must have batch {B} and {H} heads like {q_name}; got {_shapes(tensors)}")
-        if k.shape[3] != D:
-            raise ValueError(f"{k_name} must have head dim {D} like {q_name}; got {_shapes(tensors)}")
+        _check_attention_tensors(q, k, v, (q_name, k_name, v_name))
+        B, H, _, D = q.shape
         M = k.shape[2]
-        if M == 0:
-            raise ValueError(f"{k_name} must hold at least one key (M >= 1); got {_shapes(tensors)}")
-        if D == 0:
-            raise ValueError(f"{q_name} must have a head dim >= 1; got {_shapes(tensors)}")
-        if v is not None:
-            if v.shape[:3] != k.shape[:3]:
-                raise ValueError(
-                    f"{v_name} must be [B, H, M, Dv] with B, H, M of {k_name}; got {_shapes(tensors)}"
-                )
-            if v.shape[3] == 0:
-                raise ValueError(f"{v_name} must have a value dim >= 1; got {_shapes(tensors)}")
-
-        if scale is None:
-            scale_f = D ** -0.5
-        else:
-            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-                raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-            scale_f = float(scale)
-            if not math.isfinite(scale_f):
-                raise ValueError(f"scale must be finite, got {scale_f}")
-
-        if not isinstance(head_reduce, str) or head_reduce not in HEAD_REDUCTIONS:
-            raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
-
+        scale_f = _resolve_scale(scale, D)
+        mean_heads = _mean_heads(head_reduce)
         bias = _normalize_bias(attn_bias, B, H, M, q, bias_name)
-        sel = _normalize_select(select, B, M, q.device, select_name)
-        return cls(q=q, k=k, v=v, bias=bias, select=sel, scale=scale_f,
-                   mean_heads=head_reduce == "mean")
+        selection = None if select is None else _selection(select, B, M, q.device, select_name)
+        return cls(q=q, k=k, v=v, bias=bias, select=None if selection is None else selection.index,
+                   scale=scale_f, mean_heads=mean_heads, selection=selection)
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    """The canonical, validated inputs of one fused subject-wise attention call.
+
+    ``q``, ``k``, ``v``, ``bias`` as in :class:`XattnInputs`; ``k_ref`` [B, H, M_ref, D] and
+    ``ref_bias`` [B, H, M_ref] (or None) for the reference prompt; ``tokens`` / ``ref_tokens``
+    [B, S] int64; ``weights`` [B, S] float32 loss weights of ragged rows (None: 1/S each).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_ref: torch.Tensor
+    bias: Optional[torch.Tensor]
+    ref_bias: Optional[torch.Tensor]
+    tokens: torch.Tensor
+    ref_tokens: torch.Tensor
+    weights: Optional[torch.Tensor]
+    scale: float
+    mean_heads: bool
+    detach_reference: bool
+    return_maps: bool
+    selection: Optional[TokenSelection] = None
+
+    batch = XattnInputs.batch
+    heads = XattnInputs.heads
+    num_queries = XattnInputs.num_queries
+    head_dim = XattnInputs.head_dim
+    value_dim = XattnInputs.value_dim
+    device = XattnInputs.device
+    dtype = XattnInputs.dtype
+
+    @property
+    def num_keys(self) -> int:
+        """max(M, M_ref): what a backend's key limit must hold."""
+        return max(self.k.shape[2], self.k_ref.shape[2])
+
+    @property
+    def num_selected(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def needs_grad(self) -> bool:
+        tensors = (self.q, self.k, self.v) + (() if self.detach_reference else (self.k_ref,))
+        return any(t.requires_grad for t in tensors)
+
+    def summary(self) -> str:
+        return (
+            f"q: {_describe(self.q)}, k: {_describe(self.k)}, v: {_describe(self.v)}, "
+            f"k_ref: {_describe(self.k_ref)}, tokens: {_describe(self.tokens)}, "
+            f"ref_tokens: {_describe(self.ref_tokens)}, ragged={self.weights is not None}, "
+            f"scale={self.scale:g}, head_reduce={'mean' if self.mean_heads else 'none'}, "
+            f"detach_reference={self.detach_reference}"
+        )
+
+    @classmethod
+    def validate(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_ref: torch.Tensor,
+        *,
+        tokens: TokensLike,
+        ref_tokens: TokensLike = None,
+        scale: Optional[float] = None,
+        attn_bias: Optional[torch.Tensor] = None,
+        ref_attn_bias: Optional[torch.Tensor] = None,
+        head_reduce: str = "mean",
+        detach_reference: bool = True,
+        return_maps: bool = False,
+    ) -> "SubjectInputs":
+        """Check the arguments of :func:`semfid.subject_attention` once; errors name the argument."""
+        if v is None:
+            raise TypeError("v must be a torch.Tensor [B, H, M, Dv], got None")
+        for flag, value in (("detach_reference", detach_reference), ("return_maps", return_maps)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
+        if tokens is None:
+            raise ValueError("tokens must give the target-prompt token indices ([S] or [B, S]), got None")
+        _check_attention_tensors(q, k, v, ("q", "k", "v"))
+        _check_attention_tensors(q, k_ref, None, ("q", "k_ref", "v"))
+        B, H, _, D = q.shape
+        M, M_ref = k.shape[2], k_ref.shape[2]
+        scale_f = _resolve_scale(scale, D)
+        mean_heads = _mean_heads(head_reduce)
+        bias = _normalize_bias(attn_bias, B, H, M, q, "attn_bias")
+        ref_bias = _normalize_bias(ref_attn_bias, B, H, M_ref, q, "ref_attn_bias")
+        target = _selection(tokens, B, M, q.device, "tokens")
+        if ref_tokens is None:
+            if target.max_index >= M_ref:
+                raise IndexError(
+                    f"ref_tokens defaults to tokens, whose indices must then lie in [0, {M_ref}) "
+                    f"(M_ref = number of reference keys), got max {target.max_index}"
+                )
+            reference = target
+        else:
+            reference = _selection(ref_tokens, B, M_ref, q.device, "ref_tokens")
+        if reference.lengths != target.lengths:
+            if not (target.ragged or reference.ragged):
+                raise ValueError(f"ref_tokens must select as many tokens as tokens "
+                                 f"({target.width}), got {reference.width}")
+            raise ValueError("ref_tokens must select as many tokens per row as tokens "
+                             f"({list(target.lengths)}), got {list(reference.lengths)}")
+        weights = target.weights
+        if weights is not None and q.dtype == torch.float64:  # 1/S_b to float64 precision there
+            weights = target.weights_as(torch.float64)
+        return cls(q=q, k=k, v=v, k_ref=k_ref, bias=bias, ref_bias=ref_bias, tokens=target.index,
+                   ref_tokens=reference.index, weights=weights, scale=scale_f,
+                   mean_heads=mean_heads, detach_reference=detach_reference, return_maps=return_maps,
+                   selection=target)
 
 
 def _normalize_bias(
@@ -223,11 +493,9 @@ def _normalize_bias(
 
 
 def _normalize_select(
-    select: SelectLike, B: int, M: int, device: torch.device, name: str
-) -> Optional[torch.Tensor]:
+    select, B: int, M: int, device: Optional[torch.device], name: str, check_range: bool = True
+) -> torch.Tensor:
     """[S] or [B, S] integer indices (tensor or sequence) -> [B, S] int64 on ``device``."""
-    if select is None:
-        return None
     if isinstance(select, torch.Tensor):
         sel = select
         if sel.is_floating_point() or sel.is_complex() or sel.dtype == torch.bool:
@@ -238,6 +506,9 @@ def _normalize_select(
             raise TypeError(f"{name} must hold integer key indices, got {select!r}")
         if flat:  # range checked on the Python ints: no tensor reduction, no device sync
             _check_range(name, min(flat), max(flat), M)
+        if flat and any(isinstance(r, (list, tuple)) for r in select) and not all(
+                isinstance(r, (list, tuple)) for r in select):
+            raise ValueError(f"{name} must be a flat list [S], a list of per-row lists [B, S], got {select!r}")
         sel = torch.tensor(select, dtype=torch.int64)
     else:
         raise TypeError(
@@ -249,13 +520,29 @@ def _normalize_select(
         raise ValueError(f"{name} must have one row per batch item ([B={B}, S]), got {tuple(sel.shape)}")
     if sel.shape[-1] == 0:
         raise ValueError(f"{name} must select at least one key, got shape {tuple(sel.shape)}")
-    if isinstance(select, torch.Tensor) and not _is_tracing(sel) and sel.numel() > 0:
+    if check_range and isinstance(select, torch.Tensor) and not _is_tracing(sel) and sel.numel() > 0:
         # One host sync when select lives on a GPU; pass a list or a CPU tensor to avoid it.
         _check_range(name, int(sel.min()), int(sel.max()), M)
-    sel = sel.to(device=device, dtype=torch.int64, non_blocking=True)
+    sel = sel.to(device=device if device is not None else sel.device, dtype=torch.int64, non_blocking=True)
     if sel.dim() == 1:
         sel = sel.unsqueeze(0).expand(B, -1)
     return sel
+
+
+def _checked_max(tokens, sel: torch.Tensor, M: int, name: str) -> int:
+    """Range-check normalised indices ``sel`` (from ``tokens``) and return their maximum as an int.
+
+    Lists are checked on Python ints; a tensor costs one reduction (and a host sync on a GPU), done
+    once when a selection is built. Under tracing the maximum is unknown and taken as 0 (a traced
+    graph cannot check data; the kernels clamp nothing, so validate outside the compiled region)."""
+    if isinstance(tokens, (list, tuple)):
+        flat = [x for row in tokens for x in (row if isinstance(row, (list, tuple)) else [row])]
+        return max(flat)
+    if _is_tracing(sel):
+        return 0
+    lo, hi = int(tokens.min()), int(tokens.max())
+    _check_range(name, lo, hi, M)
+    return hi
 
 
 def _check_range(name: str, lo: int, hi: int, M: int) -> None:

@@ -3,24 +3,34 @@
 Each backend is a :class:`~semfid.backends.base.BackendBase` subclass registered with
 :func:`register_backend`. :func:`select_backend` picks one per call:
 
-* ``backend="auto"`` (default): the first registered backend, by ``PRIORITY``, whose ``AUTO_DEVICES``
-  contain the input's device and whose ``not_supported_reasons`` is empty. The ``SEMFID_BACKEND``
-  environment variable names a backend to try first (it is skipped, with a one-time warning, for
-  inputs it cannot take).
+* ``backend="auto"`` (default): the first registered backend, by ``PRIORITY``, whose
+  ``not_supported_reasons`` is empty and that is validated on the input's device
+  (:meth:`~semfid.backends.base.BackendBase.auto_refusal`: ``AUTO_DEVICES``, or a passing
+  :mod:`semfid.selftest` verdict). The ``SEMFID_BACKEND`` environment variable names a backend to
+  try first (it is skipped, with a one-time warning, for inputs it cannot take).
 * ``backend="<name>"``: that backend, or a ``ValueError`` listing why it cannot run the input.
+
+Choices are memoised per :func:`selection_key` (device, dtype, shape class, grad mode), so a
+training step's hundreds of calls scan the registry once per layer shape.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Type
+from typing import Dict, List, Tuple, Type, Union
 
-from .._inputs import XattnInputs
+import torch as _pt  # not `torch`: that name is this package's torch backend module
+
+from .._inputs import SubjectInputs, XattnInputs
 from .base import BackendBase
+
+AnyInputs = Union[XattnInputs, SubjectInputs]
 
 _REGISTRY: Dict[str, Type[BackendBase]] = {}
 _WARNED: set = set()
+_CHOICES: Dict[Tuple, Type[BackendBase]] = {}
+_MAX_CHOICES = 4096
 
 ENV_VAR = "SEMFID_BACKEND"
 
@@ -30,7 +40,17 @@ def register_backend(cls: Type[BackendBase]) -> Type[BackendBase]:
     if not cls.NAME:
         raise ValueError(f"{cls.__name__} must set NAME")
     _REGISTRY[cls.NAME] = cls
+    clear_selection_cache()
     return cls
+
+
+def clear_selection_cache() -> None:
+    """Forget memoised choices and validation verdicts (after registering a backend, changing its
+    class attributes in a test, or running ``semfid.selftest`` in this process)."""
+    from .base import _auto_refusal_cached
+
+    _CHOICES.clear()
+    _auto_refusal_cached.cache_clear()
 
 
 def registered_backends() -> List[Type[BackendBase]]:
@@ -55,15 +75,36 @@ def get_backend(name: str) -> Type[BackendBase]:
         ) from None
 
 
-def _format_reasons(inp: XattnInputs, table: Dict[str, List[str]]) -> str:
+def _format_reasons(inp: AnyInputs, table: Dict[str, List[str]]) -> str:
     lines = [f"inputs: {inp.summary()}"]
     for name, reasons in table.items():
         lines.append(f"  `{name}` cannot run them: " + "; ".join(reasons))
     return "\n".join(lines)
 
 
-def select_backend(inp: XattnInputs, backend: str = "auto") -> Type[BackendBase]:
-    """Choose the backend that runs ``inp`` (see module docstring)."""
+def selection_key(inp: AnyInputs, backend: str) -> Tuple:
+    """What a choice may depend on: the request, SEMFID_BACKEND, the op, device, dtype, head and
+    value dims, key and selected counts, bias presence and whether gradients will be needed."""
+    return (backend, os.environ.get(ENV_VAR, ""), type(inp), inp.device, inp.dtype, inp.head_dim,
+            inp.value_dim, inp.num_keys, inp.num_selected, inp.bias is None,
+            inp.needs_grad and _pt.is_grad_enabled())
+
+
+def select_backend(inp: AnyInputs, backend: str = "auto") -> Type[BackendBase]:
+    """Choose the backend that runs ``inp`` (see module docstring); memoised per selection_key."""
+    if _pt.compiler.is_compiling():  # traced once per graph: no cache lookups in the graph
+        return _select(inp, backend)
+    key = selection_key(inp, backend)
+    cls = _CHOICES.get(key)
+    if cls is None:
+        cls = _select(inp, backend)
+        if len(_CHOICES) >= _MAX_CHOICES:
+            _CHOICES.clear()
+        _CHOICES[key] = cls
+    return cls
+
+
+def _select(inp: AnyInputs, backend: str) -> Type[BackendBase]:
     if backend != "auto":
         cls = get_backend(backend)
         reasons = cls.not_supported_reasons(inp)
@@ -90,15 +131,14 @@ def select_backend(inp: XattnInputs, backend: str = "auto") -> Type[BackendBase]
                 stacklevel=3,
             )
 
-    for cls in candidates:
-        # Cheap test first: most backends are not validated for auto on most devices.
-        if inp.device.type in cls.AUTO_DEVICES and not cls.not_supported_reasons(inp):
-            return cls
     table: Dict[str, List[str]] = {}
     for cls in candidates:
         reasons = cls.not_supported_reasons(inp)
-        if inp.device.type not in cls.AUTO_DEVICES:
-            reasons = reasons + [f"not validated on {inp.device.type} (use backend={cls.NAME!r})"]
+        if not reasons:  # only then ask for a verdict: that may run the self-test once
+            refusal = cls.auto_refusal(inp.device)
+            if refusal is None:
+                return cls
+            reasons = [refusal]
         table[cls.NAME] = reasons
     raise ValueError("no semfid backend can run these inputs\n" + _format_reasons(inp, table))
 
@@ -115,4 +155,6 @@ __all__ = [
     "available_backends",
     "get_backend",
     "select_backend",
+    "selection_key",
+    "clear_selection_cache",
 ]

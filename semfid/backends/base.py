@@ -1,37 +1,55 @@
 """The contract every semfid backend implements (xformers-style: declare support, explain refusals).
 
-A backend computes one fused cross-attention pass and its backward on canonical inputs
-(:class:`semfid._inputs.XattnInputs`):
+A backend receives validated input objects from :mod:`semfid._inputs` (the flat positional
+signature exists only at the ``torch.library`` boundary in :mod:`semfid.ops`) and implements two
+forward/backward pairs. ``acc`` is float32 (float64 for float64 inputs).
 
-forward(q, k, v, bias, select, scale, mean_heads) -> (out, lse, maps)
-    q [B, H, N, D], k [B, H, M, D], v [B, H, M, Dv] or None, bias [B, H, M] or None,
-    select [B, S] int64 or None.
+``forward(inp: XattnInputs) -> (out, lse, maps)``: one fused pass of cross-attention.
     P = softmax(q kᵀ · scale + bias) over the M keys (a row whose keys are all -inf gives P = 0).
-    out  [B, H, N, Dv] in q.dtype = P v            (an empty tensor when v is None)
-    lse  [B, H, N] fp32 (fp64 for fp64 inputs), natural log of Σ exp(logits); +inf for a row
-         whose keys are all masked, so that exp(logit - lse) recomputes P = 0 in backward.
-    maps [B, H, N, S] (mean_heads=False) or [B, N, S] (mean_heads=True), fp32 (fp64 for fp64),
-         = P[..., select] (an empty tensor when select is None).
+    out  [B, H, N, Dv] in q.dtype = P v, with the memory of a [B, N, H, Dv] tensor (so that
+         ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is a view); empty when v is None.
+    lse  [B, H, N] acc, natural log of Σ exp(logits); +inf on a row whose keys are all masked.
+    maps [B, H, N, S] (mean_heads=False) or [B, N, S] (mean_heads=True) acc = P[..., select]
+         (empty when select is None).
+``backward(inp, out, lse, dout, dmaps) -> (dq, dk, dv)``: dout / dmaps may be None; dv is empty
+    when v is None. Only what forward saved is used: never P.
 
-backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> (dq, dk, dv)
-    dout like out or None (no gradient flows into out), dmaps like maps or None.
-    dq, dk like q, k; dv like v (an empty tensor when v is None). The backward of a pass must
-    only need what forward saved: q, k, v, bias, select, out and lse (never P).
+``subject_forward(inp: SubjectInputs) -> (out, lse, lse_ref, loss, maps, diff)``: the one-pass
+subject-wise attention loss (SeFi-IDE). With A_t = P_t[..., tokens], A_r = P_r[..., ref_tokens]
+(P_r from k_ref / ref_bias), both head-averaged when mean_heads, and w the loss weights (1/S when
+``inp.weights`` is None)::
 
-The lse format is shared by every backend, so a forward from one backend and a backward from
-another agree; still, the dispatcher picks the backend once at forward time and reuses it.
+    diff    = A_t − A_r                                      [B, N, S] or [B, H, N, S]
+    loss[b] = Σ w[b, s] · diff² / (N · (1 if mean_heads else H))        [B] acc
+
+    out, lse as above; lse_ref [B, H, N] acc when the reference is not detached or the maps are
+    per head (empty otherwise); maps = A_t when return_maps (empty otherwise); diff [B, N, S] acc
+    when mean_heads (the head mean needs every head: saved for backward), empty otherwise.
+``subject_backward(inp, out, lse, lse_ref, diff, dout, dloss, dmaps) -> (dq, dk, dv, dk_ref)``:
+    c = 2 · dloss[b] / (N · H_red); G_t = c · w · diff (+ dmaps), G_r = −c · w · diff (only when
+    the reference is not detached), each divided by H per head for head-mean maps, scattered onto
+    the selected columns of dP_t / dP_r before the softmax backward. dk_ref is empty when detached.
+
+Every gradient has the strides of its input (``torch.empty_like``) and every output the layout
+of :func:`empty_forward_outputs` / :func:`empty_subject_outputs`, which the fake (meta)
+implementations return too: ``torch.compile`` checks both against each other.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, FrozenSet, List, Optional, Tuple
+import functools
+from typing import ClassVar, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 
-from .._inputs import XattnInputs, accumulation_dtype
+from .._inputs import SubjectInputs, XattnInputs, accumulation_dtype
 
-ForwardResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-BackwardResult = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Tensor = torch.Tensor
+ForwardResult = Tuple[Tensor, Tensor, Tensor]
+BackwardResult = Tuple[Tensor, Tensor, Tensor]
+SubjectForwardResult = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+SubjectBackwardResult = Tuple[Tensor, Tensor, Tensor, Tensor]
+AnyInputs = Union[XattnInputs, SubjectInputs]
 
 
 @torch.compiler.assume_constant_result
@@ -44,29 +62,103 @@ def _unavailable_reason_of(cls: type) -> Optional[str]:
     return cls.unavailable_reason()
 
 
+def empty_output(q: Tensor, v: Optional[Tensor]) -> Tensor:
+    """``out`` [B, H, N, Dv] in q's dtype over [B, N, H, Dv] memory (empty when v is None)."""
+    if v is None:
+        return q.new_empty(0)
+    B, H, N, _ = q.shape
+    return q.new_empty(B, N, H, v.shape[3]).transpose(1, 2)
+
+
+def empty_maps(q: Tensor, num_selected: int, mean_heads: bool) -> Tensor:
+    """[B, N, S] (head mean) or [B, H, N, S] in the accumulation dtype."""
+    B, H, N, _ = q.shape
+    acc = accumulation_dtype(q.dtype)
+    if mean_heads:
+        return q.new_empty(B, N, num_selected, dtype=acc)
+    return q.new_empty(B, H, N, num_selected, dtype=acc)
+
+
+def empty_lse(q: Tensor) -> Tensor:
+    B, H, N, _ = q.shape
+    return q.new_empty(B, H, N, dtype=accumulation_dtype(q.dtype))
+
+
+def nothing(q: Tensor, acc: bool = True) -> Tensor:
+    """The empty tensor standing for an output that is not produced."""
+    return q.new_empty(0, dtype=accumulation_dtype(q.dtype) if acc else q.dtype)
+
+
 def empty_forward_outputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: Optional[torch.Tensor],
-    select: Optional[torch.Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Optional[Tensor],
+    select: Optional[Tensor],
     mean_heads: bool,
 ) -> ForwardResult:
-    """Allocate ``(out, lse, maps)`` with the shapes and dtypes of the forward contract above.
+    """Allocate ``(out, lse, maps)`` with the shapes, dtypes and layouts of ``forward``.
 
     The single source of these shapes: backends allocate their outputs with it and the fake
     (meta) implementation of ``semfid::xattn_fwd`` returns it.
     """
-    B, H, N, _ = q.shape
+    maps = nothing(q) if select is None else empty_maps(q, select.shape[1], mean_heads)
+    return empty_output(q, v), empty_lse(q), maps
+
+
+def keeps_lse_ref(mean_heads: bool, detach_reference: bool) -> bool:
+    """Whether ``subject_forward`` writes lse_ref: backward recomputes P_r only when gradients
+    flow through the reference, or when per-head maps need A_r per head again."""
+    return not (mean_heads and detach_reference)
+
+
+def empty_subject_outputs(
+    q: Tensor,
+    v: Tensor,
+    tokens: Tensor,
+    mean_heads: bool,
+    detach_reference: bool,
+    return_maps: bool,
+) -> SubjectForwardResult:
+    """Allocate ``(out, lse, lse_ref, loss, maps, diff)`` of ``subject_forward`` (see above)."""
+    B, S = q.shape[0], tokens.shape[1]
     acc = accumulation_dtype(q.dtype)
-    out = q.new_empty(B, H, N, v.shape[3]) if v is not None else q.new_empty(0)
-    lse = q.new_empty(B, H, N, dtype=acc)
-    if select is None:
-        maps = q.new_empty(0, dtype=acc)
-    elif mean_heads:
-        maps = q.new_empty(B, N, select.shape[1], dtype=acc)
-    else:
-        maps = q.new_empty(B, H, N, select.shape[1], dtype=acc)
-    return out, lse, maps
+    lse_ref = empty_lse(q) if keeps_lse_ref(mean_heads, detach_reference) else nothing(q)
+    maps = empty_maps(q, S, mean_heads) if return_maps else nothing(q)
+    diff = empty_maps(q, S, True) if mean_heads else nothing(q)
+    return empty_output(q, v), empty_lse(q), lse_ref, q.new_empty(B, dtype=acc), maps, diff
+
+
+def empty_subject_grads(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor,
+                        detach_reference: bool) -> SubjectBackwardResult:
+    """``(dq, dk, dv, dk_ref)`` with the strides of their inputs (dk_ref empty when detached)."""
+    dk_ref = nothing(q, acc=False) if detach_reference else torch.empty_like(k_ref)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dk_ref
+
+
+@torch.compiler.assume_constant_result
+def _auto_refusal(cls: type, device_type: str, device_index: Optional[int]) -> Optional[str]:
+    """``cls.auto_refusal`` for one device, evaluated eagerly even under ``torch.compile``."""
+    return _auto_refusal_cached(cls, device_type, device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_refusal_cached(cls: type, device_type: str, device_index: Optional[int]) -> Optional[str]:
+    if device_type in cls.AUTO_DEVICES:
+        return None
+    if cls.SELF_VALIDATED and device_type == "cuda":
+        try:
+            from ..selftest import verdict_for
+        except ImportError as exc:  # pragma: no cover - the package ships selftest
+            return f"not validated on cuda (semfid.selftest unavailable: {exc})"
+        verdict = verdict_for(cls.NAME, torch.device(device_type, device_index))
+        if verdict.passed:
+            return None
+        return f"not validated on this GPU ({verdict.reason}; rerun: python -m semfid.selftest --backend {cls.NAME})"
+    return f"not validated on {device_type} (use backend={cls.NAME!r})"
+
+
+def _has_subject_op(cls: type) -> bool:
+    return cls.subject_forward is not BackendBase.subject_forward
 
 
 class BackendBase:
@@ -90,6 +182,9 @@ class BackendBase:
     #: Device types on which ``"auto"`` may pick this backend: only those where its test suite has
     #: passed on real hardware. An explicit ``backend=NAME`` works on every supported device.
     AUTO_DEVICES: ClassVar[FrozenSet[str]] = frozenset()
+    #: Whether ``"auto"`` may also pick it on a CUDA device where :mod:`semfid.selftest` has a
+    #: passing verdict for it (shipped, cached or run on first use).
+    SELF_VALIDATED: ClassVar[bool] = False
 
     # ---- availability -------------------------------------------------------------------------
     @classmethod
@@ -98,15 +193,26 @@ class BackendBase:
         return None
 
     @classmethod
+    def auto_refusal(cls, device: torch.device) -> Optional[str]:
+        """Why ``backend="auto"`` may not pick this backend on ``device``, or None when it may:
+        listed in ``AUTO_DEVICES``, or (``SELF_VALIDATED``) a passing self-test verdict there."""
+        return _auto_refusal(cls, device.type, device.index)
+
+    @classmethod
     def status(cls) -> str:
         """Human-readable validation status, shown by ``python -m semfid.info``."""
         return "validated" if cls.AUTO_DEVICES else "opt-in"
 
     # ---- support ------------------------------------------------------------------------------
     @classmethod
-    def not_supported_reasons(cls, inp: XattnInputs) -> List[str]:
-        """Every reason this backend cannot run ``inp``; an empty list means it can."""
+    def not_supported_reasons(cls, inp: AnyInputs) -> List[str]:
+        """Every reason this backend cannot run ``inp``; an empty list means it can.
+
+        Reasons may depend only on the fields of :func:`semfid.backends.selection_key` (device,
+        dtype, head/value dims, key count, selected count, grad mode): dispatch memoises them."""
         reasons: List[str] = []
+        if isinstance(inp, SubjectInputs) and not _has_subject_op(cls):
+            reasons.append("no fused subject-wise op")
         missing = _unavailable_reason_of(cls)
         if missing is not None:
             reasons.append(missing)
@@ -125,29 +231,20 @@ class BackendBase:
 
     # ---- computation --------------------------------------------------------------------------
     @staticmethod
-    def forward(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: Optional[torch.Tensor],
-        bias: Optional[torch.Tensor],
-        select: Optional[torch.Tensor],
-        scale: float,
-        mean_heads: bool,
-    ) -> ForwardResult:
+    def forward(inp: XattnInputs) -> ForwardResult:
         raise NotImplementedError
 
     @staticmethod
-    def backward(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: Optional[torch.Tensor],
-        bias: Optional[torch.Tensor],
-        select: Optional[torch.Tensor],
-        scale: float,
-        mean_heads: bool,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        dout: Optional[torch.Tensor],
-        dmaps: Optional[torch.Tensor],
-    ) -> BackwardResult:
+    def backward(inp: XattnInputs, out: Tensor, lse: Tensor, dout: Optional[Tensor],
+                 dmaps: Optional[Tensor]) -> BackwardResult:
+        raise NotImplementedError
+
+    @staticmethod
+    def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        raise NotImplementedError
+
+    @staticmethod
+    def subject_backward(inp: SubjectInputs, out: Tensor, lse: Tensor, lse_ref: Tensor, diff: Tensor,
+                         dout: Optional[Tensor], dloss: Optional[Tensor],
+                         dmaps: Optional[Tensor]) -> SubjectBackwardResult:
         raise NotImplementedError

@@ -93,13 +93,15 @@ class CudaBackend(BackendBase):
         return []
 
     @staticmethod
-    def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
-        out, lse, maps = torch.ops.semfid_C.fwd(q, k, v, bias, select, float(scale), bool(mean_heads))
+    def forward(inp: XattnInputs) -> ForwardResult:
+        out, lse, maps = torch.ops.semfid_C.fwd(inp.q, inp.k, inp.v, inp.bias, inp.select,
+                                                float(inp.scale), bool(inp.mean_heads))
         return out, lse, maps
 
     @staticmethod
-    def backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> BackwardResult:
+    def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
         dq, dk, dv = torch.ops.semfid_C.bwd(
-            q, k, v, bias, select, float(scale), bool(mean_heads), out, lse, dout, dmaps
+            inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale), bool(inp.mean_heads), out,
+            lse, dout, dmaps,
         )
         return dq, dk, dv

@@ -2,9 +2,8 @@
 
 Forward and backward walk the queries in chunks, so the largest temporary is one
 [B, H, chunk, M] block of probabilities (≈2 MiB) and nothing of size [B, H, N, M] is ever kept:
-backward recomputes P from q and k (this backend does not need the saved lse, which it still
-writes for the shared contract). Chunks are computed in float32 (float64 for
-float64 inputs), so half-precision inputs get fp32 softmax and accumulation.
+backward recomputes P from q and k. Chunks are computed in float32 (float64 for float64 inputs),
+so half-precision inputs get fp32 softmax and accumulation.
 
 Backward per chunk (P recomputed, G = map gradient scattered onto the selected columns)::
 
@@ -12,19 +11,35 @@ Backward per chunk (P recomputed, G = map gradient scattered onto the selected c
     dS = P ⊙ (dP − rowsum(P ⊙ dP))                       (softmax backward, one fused op)
     dQ = dS · K · scale,   dK += dSᵀ · Q · scale,   dV += Pᵀ · dO
 
-``out`` is not needed: rowsum(P ⊙ dP) is taken on the recomputed chunk instead of as
-rowsum(dO ⊙ O) + rowsum(P_sel ⊙ G), which costs the same and matches eager autograd's rounding.
+The subject op runs both key sets through the same ops: ``[k, k_ref]`` is one key tensor of
+2·M' keys (M' = max(M, M_ref); the shorter set is padded with keys masked by -inf), so one matmul
+gives both logit blocks, one softmax over a [.., 2, M'] view normalises them separately, one
+gather picks A_t and A_r, and in backward one matmul ``dS₂ · [k, k_ref]`` sums both paths into dq.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 import torch
 
-from .._inputs import accumulation_dtype
+from .._inputs import SubjectInputs, XattnInputs, accumulation_dtype
 from . import register_backend
-from .base import BackendBase, BackwardResult, ForwardResult, empty_forward_outputs
+from .base import (
+    BackendBase,
+    BackwardResult,
+    ForwardResult,
+    SubjectBackwardResult,
+    SubjectForwardResult,
+    empty_forward_outputs,
+    empty_output,
+    empty_subject_grads,
+    empty_subject_outputs,
+    keeps_lse_ref,
+    nothing,
+)
+
+Tensor = torch.Tensor
 
 # Elements of one fp32 probability block [B, H, chunk, M]: 2**19 (2 MiB) measured fastest on a
 # 2-core CPU for the SD1.5 4096-query layer (B=2, H=8, M=77: chunks of ~425 queries).
@@ -41,15 +56,28 @@ def _chunk_rows(B: int, H: int, M: int) -> int:
     return max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(1, B * H * M))
 
 
-def _map_index(select: torch.Tensor, H: int, rows: int) -> torch.Tensor:
+def _map_index(select: Tensor, H: int, rows: int) -> Tensor:
     """[B, S] -> [B, H, rows, S] view used to gather/scatter the selected columns."""
     B, S = select.shape
     return select[:, None, None, :].expand(B, H, rows, S)
 
 
-def _dead_rows(bias: torch.Tensor) -> torch.Tensor:
+def _dead_rows(bias: Tensor) -> Tensor:
     """[B, H, 1] mask of the (batch, head) pairs whose keys are all -inf (P = 0, lse = +inf)."""
     return torch.isneginf(bias).all(dim=-1)[:, :, None]
+
+
+def _dead_mask_or_none(dead: Tensor, bias: Tensor) -> Optional[Tensor]:
+    """``dead`` when it may hold a True (always on CUDA / under tracing: no host sync), else None."""
+    if torch.compiler.is_compiling() or bias.device.type != "cpu" or bool(dead.any()):
+        return dead
+    return None
+
+
+def _row_lse(s: Tensor, p: Tensor) -> Tensor:
+    """lse = max logit − log(max probability): both maxima sit on the same key and p_max ≥ 1/M,
+    so the log is exact to float rounding (no separate logsumexp pass)."""
+    return s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
 
 
 class _Operands:
@@ -66,24 +94,19 @@ class _Operands:
         self.k_t_scaled = self.k_scaled.transpose(-1, -2)
         self.v = None if v is None else v.to(self.acc)
         self.bias = None if bias is None else bias[:, :, None, :]
-        self.dead_rows = None
-        if bias is not None:
-            dead = _dead_rows(bias)[..., None]
-            # One host sync on CUDA; skipped entirely while tracing (the where below is then kept).
-            if torch.compiler.is_compiling() or bias.device.type != "cpu" or bool(dead.any()):
-                self.dead_rows = dead
+        self.dead_rows = None if bias is None else _dead_mask_or_none(_dead_rows(bias)[..., None], bias)
 
-    def logits(self, qc: torch.Tensor) -> torch.Tensor:
+    def logits(self, qc: Tensor) -> Tensor:
         """[B, H, c, M] logits q·kᵀ·scale + bias."""
         s = torch.matmul(qc.to(self.acc), self.k_t_scaled)
         return s.add_(self.bias) if self.bias is not None else s
 
-    def softmax(self, s: torch.Tensor) -> torch.Tensor:
+    def softmax(self, s: Tensor) -> Tensor:
         """P = softmax(s) over the keys, 0 on fully masked rows."""
         p = torch.softmax(s, dim=-1)
         return p.masked_fill_(self.dead_rows, 0.0) if self.dead_rows is not None else p
 
-    def probabilities(self, qc: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, qc: Tensor) -> Tensor:
         """P of a query chunk [B, H, c, M].
 
         Backward recomputes P with the forward's own fused softmax rather than as exp(logit − lse):
@@ -93,27 +116,91 @@ class _Operands:
         return self.softmax(self.logits(qc))
 
 
-def _fused_cpu_attention_applies(q, k, v) -> bool:
-    """PyTorch's fused CPU attention kernel returns (out, lse) for equal q/v head dims."""
-    return (q.device.type == "cpu" and v is not None and v.shape[-1] == q.shape[-1]
-            and q.shape[2] > 0 and not torch.compiler.is_compiling())
+class _PairedKeys:
+    """Target and reference keys as one set of 2·M' keys (see module docstring).
 
-
-def _fused_cpu_forward(q, k, v, bias, scale, mean_heads) -> ForwardResult:
-    """Output-only forward through ``aten._scaled_dot_product_flash_attention_for_cpu``.
-
-    With no maps to write, PyTorch's own fused kernel (blocked, fp32 accumulation, all threads)
-    computes out and the natural-log lse faster than the chunk loop; rows whose keys are all -inf
-    come back as zeros with lse 0, which the contract turns into +inf.
+    ``p`` views are [B, H, c, 2, M']: index 0 of dim -2 is the target prompt, 1 the reference.
+    ``index`` [B, 2S] picks A_t then A_r out of the flattened [.., 2·M'] probabilities.
     """
-    mask = None if bias is None else bias[:, :, None, :].to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, attn_mask=mask, scale=scale)
-    lse = lse.to(accumulation_dtype(q.dtype))
-    if bias is not None:
-        lse = lse.masked_fill(_dead_rows(bias), float("inf"))
-    _, _, maps = empty_forward_outputs(q, k, v, None, mean_heads)
-    return out, lse, maps
+
+    def __init__(self, inp: SubjectInputs):
+        self.acc = accumulation_dtype(inp.dtype)
+        B, H, M, D = inp.k.shape
+        M_ref = inp.k_ref.shape[2]
+        self.width = width = max(M, M_ref)
+        self.M, self.M_ref = M, M_ref
+        if M == M_ref:
+            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(self.acc)  # a fresh tensor either way
+        else:
+            keys = inp.q.new_zeros(B, H, 2 * width, D, dtype=self.acc)
+            keys[:, :, :M] = inp.k
+            keys[:, :, width:width + M_ref] = inp.k_ref
+        self.keys_scaled = keys.mul_(inp.scale)
+        self.keys_t_scaled = self.keys_scaled.transpose(-1, -2)
+        self.v = inp.v.to(self.acc)
+        if M != M_ref:  # the target segment is width wide: zero value rows under the padding keys
+            self.v = torch.nn.functional.pad(self.v, (0, 0, 0, width - M))
+        self.bias = self._paired_bias(inp, B, H)
+        self.dead_rows = None
+        if self.bias is not None:
+            dead = torch.isneginf(self.bias.view(B, H, 2, width)).all(dim=-1)[:, :, None, :, None]
+            self.dead_rows = _dead_mask_or_none(dead, self.bias)
+        self.index = torch.cat([inp.tokens, inp.ref_tokens + width], dim=1)
+        self.S = inp.tokens.shape[1]
+
+    def _paired_bias(self, inp: SubjectInputs, B: int, H: int) -> Optional[Tensor]:
+        """[B, H, 1, 2·M'] bias of the paired keys (None when neither set has one and M = M_ref)."""
+        if inp.bias is None and inp.ref_bias is None and self.M == self.M_ref:
+            return None
+        bias = inp.q.new_zeros(B, H, 2 * self.width, dtype=self.acc)
+        bias[:, :, self.M:self.width] = float("-inf")
+        bias[:, :, self.width + self.M_ref:] = float("-inf")
+        if inp.bias is not None:
+            bias[:, :, :self.M] = inp.bias
+        if inp.ref_bias is not None:
+            bias[:, :, self.width:self.width + self.M_ref] = inp.ref_bias
+        return bias[:, :, None, :]
+
+    def probabilities(self, qc: Tensor):
+        """(logits, P) of a query chunk, both [B, H, c, 2, M']."""
+        B, H, c, _ = qc.shape
+        s = torch.matmul(qc.to(self.acc), self.keys_t_scaled)
+        if self.bias is not None:
+            s.add_(self.bias)
+        s = s.view(B, H, c, 2, self.width)
+        p = torch.softmax(s, dim=-1)
+        if self.dead_rows is not None:
+            p.masked_fill_(self.dead_rows, 0.0)
+        return s, p
+
+    def maps(self, p: Tensor, mean_heads: bool) -> Tensor:
+        """[B, (H,) c, 2S]: A_t in the first S columns, A_r in the last S."""
+        B, H, c = p.shape[:3]
+        a = torch.gather(p.view(B, H, c, 2 * self.width), -1, _map_index(self.index, H, c))
+        return a.mean(dim=1) if mean_heads else a
+
+
+def _weighted_square_sum(d: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """[B]: Σ over every non-batch dim of w[b, s] · d²  (d [B, (H,) c, S])."""
+    sq = d.square()
+    if weights is not None:
+        sq.mul_(weights.view(weights.shape[0], *([1] * (d.dim() - 2)), weights.shape[1]))
+    return sq.flatten(1).sum(dim=1)
+
+
+def _map_grad_scale(inp: SubjectInputs, dloss: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    """[B, 1, (1,) S] factor turning diff into dA_t: 2 · dloss[b] · w[b, s] / (N · H_red), with
+    H_red = 1 for head-mean maps (whose 1/H per head is applied at the scatter) and H per head."""
+    if dloss is None:
+        return None
+    B, S = inp.batch, inp.num_selected
+    h_red = 1 if inp.mean_heads else inp.heads
+    c = dloss.to(acc) * (2.0 / (inp.num_queries * h_red))
+    if inp.weights is None:
+        factor = (c / S)[:, None].expand(B, S)
+    else:
+        factor = c[:, None] * inp.weights.to(acc)
+    return factor[:, None, :] if inp.mean_heads else factor[:, None, None, :]
 
 
 @register_backend
@@ -131,19 +218,19 @@ class TorchBackend(BackendBase):
     def status(cls) -> str:
         return "tested on CPU; the same code runs on CUDA tensors"
 
+    # ---- cross-attention with selected maps ---------------------------------------------------------
     @staticmethod
-    def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
+    def forward(inp: XattnInputs) -> ForwardResult:
+        q, k, v, bias, select = inp.q, inp.k, inp.v, inp.bias, inp.select
         B, H, N, _ = q.shape
         if select is None and _fused_cpu_attention_applies(q, k, v):
-            return _fused_cpu_forward(q, k, v, bias, scale, mean_heads)
-        ops = _Operands(k, v, bias, scale)
-        out, lse, maps = empty_forward_outputs(q, k, v, select, mean_heads)
+            return _fused_cpu_forward(inp)
+        ops = _Operands(k, v, bias, inp.scale)
+        out, lse, maps = empty_forward_outputs(q, k, v, select, inp.mean_heads)
         for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
             s = ops.logits(q[:, :, rows])
             p = ops.softmax(s)
-            # lse = max logit − log(max probability): both maxima sit on the same key, and
-            # p_max ≥ 1/M, so the log is exact to float rounding (no separate logsumexp pass).
-            row_lse = s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
+            row_lse = _row_lse(s, p)
             if ops.dead_rows is not None:
                 row_lse = row_lse.masked_fill_(ops.dead_rows[..., 0], float("inf"))
             lse[:, :, rows] = row_lse
@@ -151,17 +238,18 @@ class TorchBackend(BackendBase):
                 out[:, :, rows] = torch.matmul(p, ops.v)
             if select is not None:
                 picked = torch.gather(p, -1, _map_index(select, H, p.shape[2]))
-                maps[..., rows, :] = picked.mean(dim=1) if mean_heads else picked
+                maps[..., rows, :] = picked.mean(dim=1) if inp.mean_heads else picked
         return out, lse, maps
 
     @staticmethod
-    def backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> BackwardResult:
+    def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
+        q, k, v, select = inp.q, inp.k, inp.v, inp.select
         B, H, N, _ = q.shape
-        ops = _Operands(k, v, bias, scale)
+        ops = _Operands(k, v, inp.bias, inp.scale)
         has_dout = v is not None and dout is not None
         has_dmaps = select is not None and dmaps is not None
 
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=ops.acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=ops.acc, device=q.device) if v is not None else None
 
@@ -176,11 +264,171 @@ class TorchBackend(BackendBase):
                 dp = torch.zeros_like(p)
             if has_dmaps:
                 g = dmaps[..., rows, :].to(ops.acc)
-                g = (g / H).unsqueeze(1).expand(B, H, -1, -1) if mean_heads else g
+                g = (g / H).unsqueeze(1).expand(B, H, -1, -1) if inp.mean_heads else g
                 dp.scatter_add_(-1, _map_index(select, H, p.shape[2]), g)
             # dS = P ⊙ (dP − rowsum(P ⊙ dP)), fused.
             ds = torch._softmax_backward_data(dp, p, -1, ops.acc)
             dq[:, :, rows] = torch.matmul(ds, ops.k_scaled)
             dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
-        dv_out = dv.to(v.dtype) if dv is not None else q.new_empty(0)
-        return dq, dk.mul_(scale).to(k.dtype), dv_out
+        dv_out = torch.empty_like(v).copy_(dv) if dv is not None else q.new_empty(0)
+        return dq, torch.empty_like(k).copy_(dk.mul_(inp.scale)), dv_out
+
+    # ---- the one-pass subject-wise loss -------------------------------------------------------------
+    @staticmethod
+    def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        q = inp.q
+        B, H, N, _ = q.shape
+        keys = _PairedKeys(inp)
+        S = keys.S
+        out, lse, lse_ref, loss, maps, diff = empty_subject_outputs(
+            q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps)
+        keep_ref = keeps_lse_ref(inp.mean_heads, inp.detach_reference)
+        partial_losses: List[Tensor] = []
+        for rows in _chunks(N, _chunk_rows(B, H, 2 * keys.width)):
+            s, p = keys.probabilities(q[:, :, rows])
+            row_lse = _row_lse(s, p)  # [B, H, c, 2]
+            if keys.dead_rows is not None:
+                row_lse.masked_fill_(keys.dead_rows[..., 0], float("inf"))
+            lse[:, :, rows] = row_lse[..., 0]
+            if keep_ref:
+                lse_ref[:, :, rows] = row_lse[..., 1]
+            out[:, :, rows] = torch.matmul(p[..., 0, :], keys.v)
+            a = keys.maps(p, inp.mean_heads)
+            d = a[..., :S] - a[..., S:]
+            if inp.mean_heads:
+                diff[:, rows] = d
+            if inp.return_maps:
+                maps[..., rows, :] = a[..., :S]
+            partial_losses.append(_weighted_square_sum(d, inp.weights))
+        total = partial_losses[0]
+        for part in partial_losses[1:]:  # fixed order: the same bits on every run
+            total = total + part
+        if inp.weights is None:
+            total = total / S
+        loss.copy_(total.div_(N if inp.mean_heads else N * H))
+        return out, lse, lse_ref, loss, maps, diff
+
+    @staticmethod
+    def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss,
+                         dmaps) -> SubjectBackwardResult:
+        q = inp.q
+        B, H, N, _ = q.shape
+        acc = accumulation_dtype(q.dtype)
+        dq, dk_out, dv_out, dk_ref_out = empty_subject_grads(q, inp.k, inp.v, inp.k_ref,
+                                                             inp.detach_reference)
+        factor = _map_grad_scale(inp, dloss, acc)
+        if inp.mean_heads and inp.detach_reference:
+            dk, dv = _target_only_backward(inp, diff, dout, factor, dmaps, dq, acc)
+            dk_ref = None
+        else:
+            dk, dv, dk_ref = _paired_backward(inp, diff, dout, factor, dmaps, dq, acc)
+        dk_out.copy_(dk.mul_(inp.scale))
+        dv_out.copy_(dv)
+        if dk_ref is not None:
+            dk_ref_out.copy_(dk_ref.mul_(inp.scale))
+        return dq, dk_out, dv_out, dk_ref_out
+
+
+def _target_map_grad(inp: SubjectInputs, d: Optional[Tensor], factor: Optional[Tensor],
+                     dmaps: Optional[Tensor], rows: slice, acc) -> Optional[Tensor]:
+    """dA_t of a chunk, [B, (H,) c, S]: factor · diff (+ dmaps), before the 1/H of head means."""
+    g = None if factor is None else d * factor
+    if dmaps is not None:
+        dm = dmaps[..., rows, :].to(acc)
+        g = dm if g is None else g + dm
+    return g
+
+
+def _target_only_backward(inp, diff, dout, factor, dmaps, dq, acc):
+    """Head-mean maps, detached reference: A_r is not needed again (diff was saved)."""
+    q, H = inp.q, inp.heads
+    B, _, N, _ = q.shape
+    ops = _Operands(inp.k, inp.v, inp.bias, inp.scale)
+    dk = torch.zeros(inp.k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(inp.v.shape, dtype=acc, device=q.device)
+    for rows in _chunks(N, _chunk_rows(B, H, inp.k.shape[2])):
+        qc = q[:, :, rows].to(acc)
+        p = ops.probabilities(qc)
+        if dout is not None:
+            do_c = dout[:, :, rows].to(acc)
+            dp = torch.matmul(do_c, ops.v.transpose(-1, -2))
+            dv.add_(torch.matmul(p.transpose(-1, -2), do_c))
+        else:
+            dp = torch.zeros_like(p)
+        g = _target_map_grad(inp, diff[:, rows], factor, dmaps, rows, acc)
+        if g is not None:
+            g = (g / H).unsqueeze(1).expand(B, H, -1, -1)
+            dp.scatter_add_(-1, _map_index(inp.tokens, H, p.shape[2]), g)
+        ds = torch._softmax_backward_data(dp, p, -1, acc)
+        dq[:, :, rows] = torch.matmul(ds, ops.k_scaled)
+        dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
+    return dk, dv
+
+
+def _paired_backward(inp, diff, dout, factor, dmaps, dq, acc):
+    """Both key sets: per-head maps (diff recomputed per head) or a reference that gets gradients."""
+    q, H = inp.q, inp.heads
+    B, _, N, _ = q.shape
+    keys = _PairedKeys(inp)
+    S, W = keys.S, keys.width
+    grads_ref = not inp.detach_reference
+    dkk = torch.zeros(B, H, 2 * W, q.shape[3], dtype=acc, device=q.device)
+    dv = torch.zeros(B, H, W, inp.v.shape[3], dtype=acc, device=q.device)
+    for rows in _chunks(N, _chunk_rows(B, H, 2 * W)):
+        qc = q[:, :, rows].to(acc)
+        c = qc.shape[2]
+        _, p = keys.probabilities(qc)
+        dp = torch.zeros_like(p)
+        if dout is not None:
+            do_c = dout[:, :, rows].to(acc)
+            dp[..., 0, :] = torch.matmul(do_c, keys.v.transpose(-1, -2))
+            dv.add_(torch.matmul(p[..., 0, :].transpose(-1, -2), do_c))
+        if inp.mean_heads:
+            d = diff[:, rows]
+        else:
+            a = keys.maps(p, False)
+            d = a[..., :S] - a[..., S:]
+        g_t = _target_map_grad(inp, d, factor, dmaps, rows, acc)
+        g_r = -(d * factor) if (grads_ref and factor is not None) else None
+        if g_t is not None or g_r is not None:
+            g_t = torch.zeros_like(d) if g_t is None else g_t
+            g_r = torch.zeros_like(d) if g_r is None else g_r
+            g = torch.cat([g_t, g_r], dim=-1)
+            if inp.mean_heads:
+                g = (g / H).unsqueeze(1).expand(B, H, -1, -1)
+            dp.view(B, H, c, 2 * W).scatter_add_(-1, _map_index(keys.index, H, c), g)
+        ds = torch._softmax_backward_data(dp, p, -1, acc).view(B, H, c, 2 * W)
+        if not grads_ref:
+            ds[..., W:] = 0.0
+        dq[:, :, rows] = torch.matmul(ds, keys.keys_scaled)
+        dkk.add_(torch.matmul(ds.transpose(-1, -2), qc))
+    M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
+    dk_ref = dkk[:, :, W:W + M_ref] if grads_ref else None
+    return dkk[:, :, :M], dv[:, :, :M], dk_ref
+
+
+def _fused_cpu_attention_applies(q, k, v) -> bool:
+    """PyTorch's fused CPU attention kernel returns (out, lse) for equal q/v head dims."""
+    return (q.device.type == "cpu" and v is not None and v.shape[-1] == q.shape[-1]
+            and q.shape[2] > 0 and not torch.compiler.is_compiling())
+
+
+def _fused_cpu_forward(inp: XattnInputs) -> ForwardResult:
+    """Output-only forward through ``aten._scaled_dot_product_flash_attention_for_cpu``.
+
+    With no maps to write, PyTorch's own fused kernel (blocked, fp32 accumulation, all threads)
+    computes out and the natural-log lse faster than the chunk loop; rows whose keys are all -inf
+    come back as zeros with lse 0, which the contract turns into +inf. Its outputs are put into the
+    contract's layouts when they differ (the kernel follows q's layout).
+    """
+    q, bias = inp.q, inp.bias
+    mask = None if bias is None else bias[:, :, None, :].to(q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, inp.k, inp.v, attn_mask=mask, scale=inp.scale)[:2]
+    if bias is not None:
+        lse = lse.masked_fill(_dead_rows(bias), float("inf"))
+    layout = empty_output(q, inp.v)
+    if out.stride() != layout.stride():
+        out = layout.copy_(out)
+    lse = lse.to(accumulation_dtype(q.dtype)).contiguous()
+    return out, lse, nothing(q)

@@ -84,16 +84,23 @@ class TritonBackend(BackendBase):
         return reasons
 
     @staticmethod
-    def forward(q, k, v, bias, select, scale, mean_heads) -> ForwardResult:
-        out, lse, maps = empty_forward_outputs(q, k, v, select, mean_heads)
+    def forward(inp: XattnInputs) -> ForwardResult:
+        out, lse, maps = empty_forward_outputs(inp.q, inp.k, inp.v, inp.select, inp.mean_heads)
         _kernels().xattn_fwd(
-            q, _as_unit_stride(k), _as_unit_stride(v), bias, select, scale, mean_heads, out, lse, maps
+            inp.q, _as_unit_stride(inp.k), _as_unit_stride(inp.v), inp.bias, inp.select, inp.scale,
+            inp.mean_heads, out, lse, maps,
         )
         return out, lse, maps
 
     @staticmethod
-    def backward(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps) -> BackwardResult:
-        return _kernels().xattn_bwd(
-            q, _as_unit_stride(k), _as_unit_stride(v), bias, select, scale, mean_heads,
-            out, lse, dout, dmaps,
+    def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
+        dq, dk, dv = _kernels().xattn_bwd(
+            inp.q, _as_unit_stride(inp.k), _as_unit_stride(inp.v), inp.bias, inp.select, inp.scale,
+            inp.mean_heads, out, lse, dout, dmaps,
         )
+        # The contract: gradients with their inputs' strides.
+        dq = dq if dq.stride() == inp.q.stride() else torch.empty_like(inp.q).copy_(dq)
+        dk = dk if dk.stride() == inp.k.stride() else torch.empty_like(inp.k).copy_(dk)
+        if inp.v is not None and dv.stride() != inp.v.stride():
+            dv = torch.empty_like(inp.v).copy_(dv)
+        return dq, dk, dv
