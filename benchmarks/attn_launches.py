@@ -156,7 +156,7 @@ def observe(call: Callable[[], object], *, execute_triton: bool = True) -> Obser
 # ------------------------------------------------------------------------------------------------
 # the Triton path on a CPU-only machine: a child process under TRITON_INTERPRET=1
 # ------------------------------------------------------------------------------------------------
-def _triton_child(cases: List[str], batch: int, dtype: torch.dtype) -> dict:
+def _triton_child(cases: List[str], batch: int, dtype: torch.dtype, mode: str = "subject_fwd_bwd") -> dict:
     """In the child: launches on the tiny shape (kernels interpreted, then only recorded: the counts
     must agree), and launches and bytes per case (kernels recorded). Returns {"launches", "kernels",
     "recording_changes_count", "cases": {case: {"launches", "bytes", "kernels"}}} or {"error"}.
@@ -168,7 +168,7 @@ def _triton_child(cases: List[str], batch: int, dtype: torch.dtype) -> dict:
     reason = impl.unavailable(cpu, dtype)
     if reason is not None:
         return {"error": reason}
-    tiny_call = mode_call(impl, "subject_fwd_bwd", make_inputs(**TINY, device=cpu, dtype=dtype))
+    tiny_call = mode_call(impl, mode, make_inputs(**TINY, device=cpu, dtype=dtype))
     tiny = observe(tiny_call)
     recorded = observe(tiny_call, execute_triton=False)
     result = {"launches": tiny.launches, "kernels": dict(tiny.kernels), "cases": {},
@@ -176,15 +176,16 @@ def _triton_child(cases: List[str], batch: int, dtype: torch.dtype) -> dict:
     for name in cases:
         s = SHAPES_BY_NAME[name]
         x = make_inputs(batch, s.n_q, s.heads, s.head_dim, cpu, dtype)
-        seen = observe(mode_call(impl, "subject_fwd_bwd", x), execute_triton=False)
+        seen = observe(mode_call(impl, mode, x), execute_triton=False)
         result["cases"][name] = {"launches": seen.launches, "bytes": seen.bytes,
                                  "kernels": dict(seen.kernels)}
     return result
 
 
-def triton_path(cases: List[str], batch: int, dtype: torch.dtype, *, timeout_s: float = 300) -> dict:
+def triton_path(cases: List[str], batch: int, dtype: torch.dtype, *, mode: str = "subject_fwd_bwd",
+                timeout_s: float = 300) -> dict:
     """:func:`_triton_child` in a fresh interpreter with TRITON_INTERPRET=1."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(batch),
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(batch), "--mode", mode,
            "--dtype", str(dtype).replace("torch.", ""), "--cases", *cases]
     env = dict(os.environ, TRITON_INTERPRET="1")
     try:  # the child imports the same semfid as this process (a checkout may shadow an install)
@@ -211,11 +212,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="subject_fwd_bwd", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.child:
         try:
-            print(json.dumps(_triton_child(args.cases, args.batch, dtype)))
+            print(json.dumps(_triton_child(args.cases, args.batch, dtype, args.mode)))
         except Exception as exc:  # noqa: BLE001 - reported by the parent
             print(json.dumps({"error": short_error(exc)}))
         return 0
