@@ -176,3 +176,20 @@ def test_triton_subject_path_is_counted_when_the_backend_has_it():
     assert "error" not in got, got
     assert any(k.startswith("triton.") for k in got["kernels"])
     assert got["recording_changes_count"] is False
+
+
+@pytest.mark.slow
+def test_train_step_smoke_reports_overhead_and_load(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import train_step
+
+    path = tmp_path / "steps.json"
+    argv = ["--models", "sd15", "--steps", "1", "--warmup", "1", "--variants", "semfid", "floor",
+            "--json", str(path)]
+    assert train_step.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "interleaved" in text and "load average" in text
+    rows = {r["variant"]: r for r in json.loads(path.read_text())}
+    assert set(rows) == {"semfid", "floor"}
+    assert rows["floor"]["overhead_vs_floor_pct"] == 0.0
+    assert rows["semfid"]["ms_median"] > 0 and rows["semfid"]["load_avg_1m_end"] is not None
