@@ -8,7 +8,15 @@ distinct cross-attention shape of SD1.5 (512 px) and SDXL (1024 px), in three mo
 * ``subject_fwd_bwd``  output + SeFi-IDE subject loss, forward and backward (training).
 
 Each implementation is first checked against the float64 reference on a small case, on the device
-and dtype of the run; a wrong one is reported and skipped, never timed.
+and dtype of the run; a wrong one is reported and skipped, never timed. For the subject loss the
+report also gives the kernel launches of one forward+backward and the modelled bytes moved against
+the compulsory bytes, for semfid and every eager baseline, and, on a CPU, for semfid's Triton path
+(observed under the Triton interpreter in a child process). The machine's load average is printed
+at the start and at the end.
+
+The modules: ``attn_cases`` (inputs, one call per mode), ``attn_impls`` + ``baselines`` (what is
+timed; a compiled baseline declares its compile budget), ``attn_gate`` (the reference check),
+``attn_timing`` (the run), ``attn_traffic`` + ``attn_launches`` (bytes and launches), ``attn_reports``.
 
     python benchmarks/attn_speed.py                 # GPU: every case at batch 2 and 8; CPU: --quick
     python benchmarks/attn_speed.py --quick --json results.json --plot speedup.png

@@ -281,24 +281,32 @@ def _flex_attention(q, k, v, scale, return_lse=False):
     return flex_attention(q, k, v, scale=scale, return_lse=return_lse)
 
 
+def _flex(q, k, v, scale, return_lse=False):
+    """The compiled flex_attention; under no_grad on inputs detached, as inference code has them
+    (flex checks ``requires_grad``, not the grad mode, before refusing a CPU backward)."""
+    if not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _flex_compiled(q, k, v, scale, return_lse)
+
+
 _flex_compiled = _compiled(_flex_attention)
 
 
 def flex_forward(q, k, v, scale):
-    return _flex_compiled(q, k, v, scale)
+    return _flex(q, k, v, scale)
 
 
 def flex_forward_maps(q, k, v, tokens, scale):
-    out, lse = _flex_compiled(q, k, v, scale, True)
+    out, lse = _flex(q, k, v, scale, True)
     return out, _lse_maps(q, k, lse, tokens, scale)
 
 
 def flex_subject(q, k, v, k_ref, tokens, scale):
-    out, lse = _flex_compiled(q, k, v, scale, True)
+    out, lse = _flex(q, k, v, scale, True)
     maps_t = _lse_maps(q, k, lse, tokens, scale)  # differentiable through q, k and lse
     with torch.no_grad():
         # only lse_ref is needed: k_ref stands in for the values (same shape, output unused)
-        _, lse_ref = _flex_compiled(q, k_ref, k_ref, scale, True)
+        _, lse_ref = _flex(q, k_ref, k_ref, scale, True)
         maps_r = _lse_maps(q, k_ref, lse_ref, tokens, scale)
     return out, subject_loss(maps_t, maps_r)
 
