@@ -7,7 +7,7 @@
 # Without a CUDA GPU the dry mode is chosen by itself. Steps, in this order (a short window catches the
 # most), each bounded by `timeout` and run even when an earlier one failed:
 #   1. env            nvidia-smi, nvcc, a C compiler (Triton's launcher), compute-sanitizer, versions
-#   2. selftest       python -m semfid.selftest --backend triton --ship $OUT/selftest_verdict.json
+#   2. selftest       python -m semfid.selftest --backend triton|sdpa --ship $OUT/verdicts/ (cuda after step 5)
 #   3. pytest_gpu     pytest -m gpu
 #   4. library_cuda   opcheck + torch.compile with diffusers' transposed views, on CUDA
 #   5. cuda_build     the CUDA extension for the detected arch (setup.py build_ext --inplace)
@@ -20,7 +20,7 @@
 # GPU image: Python 3.12, torch 2.11 (cu130), triton 3.6, no diffusers, no network: nothing here
 # installs or downloads. GPU_CHECK_BUDGET_S changes the total time budget (default 465 s).
 # Files in $OUT (8 at most come back from a device run): gpu_check.log, summary.txt, attn_speed.json,
-# attn_speed.png, selftest_verdict.json, train_step.json.
+# attn_speed.png, verdicts/*.json, train_step.json.
 
 set -u -o pipefail
 DRY=""
@@ -44,7 +44,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"  # headroom under 8 minutes
 T0=$(date +%s)
 STATUS=()
-VERDICT="$OUT_DIR/selftest_verdict.json"
+VERDICTS="$OUT_DIR/verdicts"  # the self-tests' --ship output: <backend>-<gpu>.json each
 
 if [[ -z "$DRY" ]] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     DRY="no CUDA GPU visible to torch"
@@ -128,7 +128,9 @@ say "detected compute capability: ${ARCH:-none}"
 
 # ---- 2. self-test of the Triton kernels on this GPU ------------------------------------------------
 if $PY -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("semfid.selftest") else 1)' 2>/dev/null; then
-    cuda_step selftest 90 $PY -m semfid.selftest --backend triton --ship "$VERDICT"
+    mkdir -p "$VERDICTS"
+    cuda_step selftest 90 $PY -m semfid.selftest --backend triton --ship "$VERDICTS"
+    cuda_step selftest_sdpa 60 $PY -m semfid.selftest --backend sdpa --quick --ship "$VERDICTS"
 else
     STATUS+=("selftest: missing (semfid.selftest is not in this checkout)")
     say ""; say "=== selftest: missing (no semfid.selftest module in this checkout)"
@@ -144,6 +146,8 @@ cuda_step library_cuda 60 env SEMFID_TEST_DEVICE=cuda "${PYTEST[@]}" tests/test_
 # ---- 5. the CUDA extension for this arch, and its tests ---------------------------------------------
 if cuda_step cuda_build 150 env SEMFID_BUILD_CUDA=1 SEMFID_CUDA_ARCHS="${ARCH:-90}" \
         MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py -q build_ext --inplace; then
+    cuda_step selftest_cuda 60 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+        $PY -m semfid.selftest --backend cuda --ship "$VERDICTS"
     cuda_step cuda_tests 90 bash -c "SEMFID_TEST_DEVICE=cuda ${PYTEST[*]} tests/test_cuda_ext.py && \
         SEMFID_TEST_DEVICE=cuda SEMFID_TEST_BACKENDS=cuda ${PYTEST[*]} -x tests/test_library.py tests/test_ops_reference.py"
 else
@@ -189,10 +193,10 @@ fi
     echo "=== gpu_check summary ($(elapsed)s total, mode: ${DRY:+dry run, }${DRY:-GPU}) ==="
     for s in "${STATUS[@]}"; do echo "  $s"; done
     $PY benchmarks/gpu_check_summary.py "$OUT_DIR"
-    if [[ -f "$VERDICT" ]]; then
+    if compgen -G "$VERDICTS/*.json" >/dev/null; then
         echo ""
-        echo "verdict file to commit (the self-test's --ship output): $VERDICT"
-        cat "$VERDICT"; echo ""
+        echo "verdict files to commit into semfid/verdicts/ (the self-tests' --ship output):"
+        for f in "$VERDICTS"/*.json; do echo "--- $f"; cat "$f"; echo ""; done
     else
         echo ""
         echo "verdict file: none written (${DRY:+dry run; }the self-test did not run or did not pass)"
