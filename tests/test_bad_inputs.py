@@ -117,6 +117,27 @@ def test_subject_attention_errors():
             k_ref, tokens=[1], ref_attn_bias=torch.zeros(2, 7))
     _raises(TypeError, r"^detach_reference must be a bool", semfid.subject_attention, q, k, v,
             k_ref, tokens=[1], detach_reference="yes")
+    _raises(TypeError, r"^return_maps must be a bool", semfid.subject_attention, q, k, v,
+            k_ref, tokens=[1], return_maps=1)
+
+
+def test_ragged_token_errors():
+    q, k, v = _qkv()
+    k_ref = torch.randn(2, 3, 9, 8)
+    _raises(ValueError, r"^tokens: every row must select at least one key", semfid.subject_attention,
+            q, k, v, k_ref, tokens=[[1, 2], []])
+    _raises(ValueError, r"^tokens must have one row per batch item \(\[B=2, S\]\), got 3 rows",
+            semfid.subject_attention, q, k, v, k_ref, tokens=[[1, 2], [3], [4]])
+    _raises(ValueError, r"^ref_tokens must select as many tokens per row as tokens \(\[2, 1\]\), got \[1, 2\]",
+            semfid.subject_attention, q, k, v, k_ref, tokens=[[1, 2], [3]], ref_tokens=[[1], [2, 3]])
+    _raises(IndexError, r"^tokens indices must lie in \[0, 7\)", semfid.subject_attention,
+            q, k, v, k_ref, tokens=[[1, 2], [7]])
+    _raises(IndexError, r"^ref_tokens defaults to tokens, whose indices must then lie in \[0, 5\)",
+            semfid.subject_attention, q, k, v, k_ref[:, :, :5], tokens=[[1, 2], [6]])
+    _raises(TypeError, r"^tokens must hold integer key indices", semfid.subject_attention,
+            q, k, v, k_ref, tokens=[[1, 2.0], [3]])
+    _raises(ValueError, r"^select must be a flat list \[S\], a list of per-row lists", semfid.cross_attention,
+            q, k, v, select=[1, [2, 3]])
 
 
 def test_error_messages_show_shapes():

@@ -197,3 +197,83 @@ def test_maps_only_pass_matches_reference(backend: str):
     maps = semfid.attention_maps(q, k, select=select, head_reduce="none", backend=backend)
     _, ref = attention_ref(q, k, torch.zeros_like(k), select=select, head_reduce="none")
     torch.testing.assert_close(maps.to(torch.float64), ref, rtol=1e-5, atol=1e-6)
+
+
+# (B, H, N, M, M_ref, D, head_reduce, detach): ragged rows, returned maps, diffusers' layout, a row
+# whose target keys are all -inf, duplicate tokens.
+RAGGED_CASES = [
+    (2, 3, 17, 7, 7, 40, "mean", True),
+    (3, 2, 130, 77, 77, 64, "none", False),
+    (2, 5, 1, 7, 9, 8, "mean", False),
+    (3, 1, 17, 1, 7, 80, "none", True),
+]
+
+
+def _diffusers_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a transposed view of a [B, N, H*D] tensor, as diffusers hands them over."""
+    B, H, N, D = t.shape
+    return t.transpose(1, 2).reshape(B, N, H * D).view(B, N, H, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", RAGGED_CASES, ids=lambda c: "B{}H{}N{}M{}Mr{}D{}-{}-detach{}".format(*c))
+def test_subject_attention_ragged_maps_views(shape, dtype, backend):
+    B, H, N, M, M_ref, D, head_reduce, detach = shape
+    q, k, v, k_ref = (torch.randn(B, H, n, D, device=DEVICE).to(dtype) for n in (N, M, M, M_ref))
+    lengths = [1 + (b * 2) % 4 for b in range(B)]  # rows of 1, 3, 2 tokens
+    tokens = [torch.randint(0, M, (n,)).tolist() for n in lengths]
+    tokens[0] = tokens[0] + tokens[0][:1] if len(tokens[0]) < 4 else tokens[0]  # a duplicate
+    lengths[0] = len(tokens[0])
+    ref_tokens = [torch.randint(0, M_ref, (n,)).tolist() for n in lengths]
+    bias = torch.zeros(B, 1, M, device=DEVICE)
+    bias[-1] = float("-inf")  # the last row's target keys are all masked: P = 0 there
+    ref_bias = torch.zeros(B, 1, M_ref, device=DEVICE)
+    ref_bias[0, :, M_ref // 2:] = -10000.0
+    kw = dict(tokens=tokens, ref_tokens=ref_tokens, attn_bias=bias, ref_attn_bias=ref_bias,
+              head_reduce=head_reduce, detach_reference=detach, return_maps=True)
+
+    ins = [_leaf(_diffusers_layout(t)) for t in (q, k, v, k_ref)]
+    got = semfid.subject_attention(*ins, backend=backend, **kw)
+    ins64 = [_leaf(t.to(torch.float64)) for t in (q, k, v, k_ref)]
+    ref = subject_ref(*ins64, **kw)
+    insp = [_leaf(t) for t in (q, k, v, k_ref)]
+    plain = subject_ref(*insp, upcast=False, **kw)
+    assert got[0].transpose(1, 2).is_contiguous(), "out must merge heads as a view"
+    for name, g, r, p in zip(("out", "loss", "maps"), got, ref, plain):
+        assert_close_rule(f"{name} ({backend}, {dtype})", g, r, p, atol=_tolerance(dtype, r))
+    upstream = [torch.randn(ref[0].shape, dtype=torch.float64, device=DEVICE),
+                torch.full((B,), 1e3, dtype=torch.float64, device=DEVICE),
+                torch.randn(ref[2].shape, dtype=torch.float64, device=DEVICE)]
+    grads_got = _grads(got, upstream, ins)
+    grads_ref = _grads(ref, upstream, ins64)
+    grads_plain = _grads(plain, upstream, insp)
+    atol = _tolerance(dtype, *grads_ref)
+    for name, g, r, p, x in zip(("dq", "dk", "dv", "dk_ref"), grads_got, grads_ref, grads_plain, ins):
+        if name == "dk_ref" and detach:
+            assert g is None and r is None
+            continue
+        assert g.stride() == x.stride(), f"{name} must keep its input's strides"
+        assert_close_rule(f"{name} ({backend}, {dtype}, detach={detach})", g, r, p,
+                          factor=GRAD_FACTOR, atol=atol)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_token_selection_is_reused_without_checks(backend):
+    """A TokenSelection built once serves many calls; it equals passing the lists each time."""
+    B, H, N, M, D = 2, 2, 9, 7, 8
+    q, k, v, k_ref = (torch.randn(B, H, n, D, device=DEVICE) for n in (N, M, M, M))
+    rows = [[1, 2, 3], [4]]
+    sel = semfid.TokenSelection.build(rows, batch=B, num_keys=M, device=DEVICE)
+    assert sel.lengths == (3, 1) and sel.ragged and sel.max_index == 4
+    a = semfid.subject_attention(q, k, v, k_ref, tokens=sel, return_maps=True, backend=backend)
+    b = semfid.subject_attention(q, k, v, k_ref, tokens=rows, return_maps=True, backend=backend)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert bool((a[2][1, :, 1:] == 0).all()), "ragged padding columns of the maps must be zero"
+    _, maps = semfid.cross_attention(q, k, v, select=sel, backend=backend)
+    torch.testing.assert_close(maps[..., :1], a[2][..., :1])
+    with pytest.raises(ValueError, match="built for batch 2"):
+        semfid.subject_attention(q[:1], k[:1], v[:1], k_ref[:1], tokens=sel, backend=backend)
+    with pytest.raises(IndexError, match=r"tokens indices must lie in \[0, 3\)"):
+        semfid.subject_attention(q, k[:, :, :3], v[:, :, :3], k_ref, tokens=sel, backend=backend)

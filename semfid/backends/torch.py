@@ -19,7 +19,7 @@ gather picks A_t and A_r, and in backward one matmul ``dS₂ · [k, k_ref]`` sum
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,7 @@ from .base import (
     empty_subject_grads,
     empty_subject_outputs,
     keeps_lse_ref,
+    nan_rows,
     nothing,
 )
 
@@ -116,68 +117,95 @@ class _Operands:
         return self.softmax(self.logits(qc))
 
 
-class _PairedKeys:
-    """Target and reference keys as one set of 2·M' keys (see module docstring).
+class _SubjectKeys:
+    """Keys of the subject op as [B·H, K, D] batches (3-D ``bmm``/``baddbmm``: no per-call
+    reshapes, the scale folded into the keys and the bias into the logits matmul).
 
-    ``p`` views are [B, H, c, 2, M']: index 0 of dim -2 is the target prompt, 1 the reference.
-    ``index`` [B, 2S] picks A_t then A_r out of the flattened [.., 2·M'] probabilities.
+    ``paired=True``: the target and reference keys as one set of K = 2·M' keys (see module
+    docstring); probabilities are viewed as [B·H, c, 2, M'], index 0 of dim -2 being the target.
+    ``paired=False``: the target keys alone (K = M), for the backward that needs no A_r.
     """
 
-    def __init__(self, inp: SubjectInputs):
-        self.acc = accumulation_dtype(inp.dtype)
+    def __init__(self, inp: SubjectInputs, paired: bool):
+        acc = self.acc = accumulation_dtype(inp.dtype)
         B, H, M, D = inp.k.shape
         M_ref = inp.k_ref.shape[2]
-        self.width = width = max(M, M_ref)
-        self.M, self.M_ref = M, M_ref
-        if M == M_ref:
-            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(self.acc)  # a fresh tensor either way
+        self.B, self.H, self.M, self.M_ref = B, H, M, M_ref
+        self.width = width = max(M, M_ref) if paired else M
+        self.segments = 2 if paired else 1
+        if not paired:
+            keys = torch.mul(inp.k, inp.scale, out=inp.q.new_empty(inp.k.shape, dtype=acc))
+        elif M == M_ref:
+            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(acc).mul_(inp.scale)  # a fresh tensor
         else:
-            keys = inp.q.new_zeros(B, H, 2 * width, D, dtype=self.acc)
+            keys = inp.q.new_zeros(B, H, 2 * width, D, dtype=acc)
             keys[:, :, :M] = inp.k
             keys[:, :, width:width + M_ref] = inp.k_ref
-        self.keys_scaled = keys.mul_(inp.scale)
-        self.keys_t_scaled = self.keys_scaled.transpose(-1, -2)
-        self.v = inp.v.to(self.acc)
-        if M != M_ref:  # the target segment is width wide: zero value rows under the padding keys
-            self.v = torch.nn.functional.pad(self.v, (0, 0, 0, width - M))
-        self.bias = self._paired_bias(inp, B, H)
+            keys.mul_(inp.scale)
+        self.keys = keys.view(B * H, -1, D)
+        self.keys_t = self.keys.transpose(1, 2)
+        v = inp.v.to(acc, memory_format=torch.contiguous_format).contiguous()
+        if width != M:  # the target segment is M' wide: zero value rows under its padding keys
+            v = torch.nn.functional.pad(v, (0, 0, 0, width - M))
+        self.v = v.view(B * H, width, -1)
+        self.bias = self._bias(inp, paired)
         self.dead_rows = None
         if self.bias is not None:
-            dead = torch.isneginf(self.bias.view(B, H, 2, width)).all(dim=-1)[:, :, None, :, None]
-            self.dead_rows = _dead_mask_or_none(dead, self.bias)
-        self.index = torch.cat([inp.tokens, inp.ref_tokens + width], dim=1)
-        self.S = inp.tokens.shape[1]
+            dead = torch.isneginf(self.bias.view(B * H, 1, self.segments, width)).all(dim=-1)
+            self.dead_rows = _dead_mask_or_none(dead[..., None], self.bias)
+        if paired:
+            self.index = torch.cat([inp.tokens, inp.ref_tokens + width], dim=1)
+        else:
+            self.index = inp.tokens
 
-    def _paired_bias(self, inp: SubjectInputs, B: int, H: int) -> Optional[Tensor]:
-        """[B, H, 1, 2·M'] bias of the paired keys (None when neither set has one and M = M_ref)."""
-        if inp.bias is None and inp.ref_bias is None and self.M == self.M_ref:
+    def _bias(self, inp: SubjectInputs, paired: bool) -> Optional[Tensor]:
+        """[B·H, 1, K] logit bias (None when no key is biased or padded)."""
+        B, H, M, M_ref, W = self.B, self.H, self.M, self.M_ref, self.width
+        if not paired:
+            return None if inp.bias is None else inp.bias.reshape(B * H, 1, M).to(self.acc)
+        if inp.bias is None and inp.ref_bias is None and M == M_ref:
             return None
-        bias = inp.q.new_zeros(B, H, 2 * self.width, dtype=self.acc)
-        bias[:, :, self.M:self.width] = float("-inf")
-        bias[:, :, self.width + self.M_ref:] = float("-inf")
+        bias = inp.q.new_zeros(B, H, 2 * W, dtype=self.acc)
+        bias[:, :, M:W] = float("-inf")
+        bias[:, :, W + M_ref:] = float("-inf")
         if inp.bias is not None:
-            bias[:, :, :self.M] = inp.bias
+            bias[:, :, :M] = inp.bias
         if inp.ref_bias is not None:
-            bias[:, :, self.width:self.width + self.M_ref] = inp.ref_bias
-        return bias[:, :, None, :]
+            bias[:, :, W:W + M_ref] = inp.ref_bias
+        return bias.view(B * H, 1, 2 * W)
 
-    def probabilities(self, qc: Tensor):
-        """(logits, P) of a query chunk, both [B, H, c, 2, M']."""
-        B, H, c, _ = qc.shape
-        s = torch.matmul(qc.to(self.acc), self.keys_t_scaled)
+    def queries(self, t: Tensor, rows: slice) -> Tensor:
+        """[B·H, c, D] contiguous chunk of a [B, H, N, D] tensor (q or dout), in acc dtype."""
+        chunk = t[:, :, rows].to(self.acc, memory_format=torch.contiguous_format).contiguous()
+        return chunk.view(self.B * self.H, chunk.shape[2], -1)
+
+    def probabilities(self, qc: Tensor) -> Tuple[Tensor, Tensor]:
+        """(logits, P) of a query chunk, both [B·H, c, segments, M']."""
         if self.bias is not None:
-            s.add_(self.bias)
-        s = s.view(B, H, c, 2, self.width)
+            s = torch.baddbmm(self.bias, qc, self.keys_t)
+        else:
+            s = torch.bmm(qc, self.keys_t)
+        s = s.view(s.shape[0], s.shape[1], self.segments, self.width)
         p = torch.softmax(s, dim=-1)
         if self.dead_rows is not None:
             p.masked_fill_(self.dead_rows, 0.0)
         return s, p
 
-    def maps(self, p: Tensor, mean_heads: bool) -> Tensor:
-        """[B, (H,) c, 2S]: A_t in the first S columns, A_r in the last S."""
-        B, H, c = p.shape[:3]
-        a = torch.gather(p.view(B, H, c, 2 * self.width), -1, _map_index(self.index, H, c))
+    def gather_maps(self, p: Tensor, mean_heads: bool) -> Tensor:
+        """[B, (H,) c, segments·S] selected columns (A_t first, then A_r when paired)."""
+        B, H = self.B, self.H
+        c = p.shape[1]
+        flat = p.view(B, H, c, self.segments * self.width)
+        a = torch.gather(flat, -1, _map_index(self.index, H, c))
         return a.mean(dim=1) if mean_heads else a
+
+    def scatter_map_grads(self, dp: Tensor, g: Tensor, mean_heads: bool) -> None:
+        """dP[..., index] += G: g [B, c, segments·S] (already divided by H) or [B, H, c, ..]."""
+        B, H = self.B, self.H
+        c = dp.shape[1]
+        if mean_heads:
+            g = g.unsqueeze(1).expand(B, H, c, g.shape[-1])
+        dp.view(B, H, c, -1).scatter_add_(-1, _map_index(self.index, H, c), g)
 
 
 def _weighted_square_sum(d: Tensor, weights: Optional[Tensor]) -> Tensor:
@@ -278,133 +306,113 @@ class TorchBackend(BackendBase):
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
         q = inp.q
         B, H, N, _ = q.shape
-        keys = _PairedKeys(inp)
-        S = keys.S
-        out, lse, lse_ref, loss, maps, diff = empty_subject_outputs(
+        keys = _SubjectKeys(inp, paired=True)
+        S = inp.num_selected
+        out, lse, lse_ref, _, maps, diff = empty_subject_outputs(
             q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps)
         keep_ref = keeps_lse_ref(inp.mean_heads, inp.detach_reference)
-        partial_losses: List[Tensor] = []
+        loss = None
         for rows in _chunks(N, _chunk_rows(B, H, 2 * keys.width)):
-            s, p = keys.probabilities(q[:, :, rows])
-            row_lse = _row_lse(s, p)  # [B, H, c, 2]
+            s, p = keys.probabilities(keys.queries(q, rows))
+            c = p.shape[1]
+            row_lse = _row_lse(s, p)  # [B·H, c, 2]
             if keys.dead_rows is not None:
                 row_lse.masked_fill_(keys.dead_rows[..., 0], float("inf"))
-            lse[:, :, rows] = row_lse[..., 0]
+            lse[:, :, rows] = row_lse[..., 0].view(B, H, c)
             if keep_ref:
-                lse_ref[:, :, rows] = row_lse[..., 1]
-            out[:, :, rows] = torch.matmul(p[..., 0, :], keys.v)
-            a = keys.maps(p, inp.mean_heads)
+                lse_ref[:, :, rows] = row_lse[..., 1].view(B, H, c)
+            out[:, :, rows] = torch.bmm(p[:, :, 0, :], keys.v).view(B, H, c, -1)
+            a = keys.gather_maps(p, inp.mean_heads)
             d = a[..., :S] - a[..., S:]
             if inp.mean_heads:
                 diff[:, rows] = d
             if inp.return_maps:
                 maps[..., rows, :] = a[..., :S]
-            partial_losses.append(_weighted_square_sum(d, inp.weights))
-        total = partial_losses[0]
-        for part in partial_losses[1:]:  # fixed order: the same bits on every run
-            total = total + part
-        if inp.weights is None:
-            total = total / S
-        loss.copy_(total.div_(N if inp.mean_heads else N * H))
+            part = _weighted_square_sum(d, inp.weights)
+            loss = part if loss is None else loss.add_(part)  # chunks in order: reproducible bits
+        h_red = 1 if inp.mean_heads else H
+        loss.mul_(1.0 / (N * h_red * (S if inp.weights is None else 1)))
         return out, lse, lse_ref, loss, maps, diff
 
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss,
                          dmaps) -> SubjectBackwardResult:
         q = inp.q
-        B, H, N, _ = q.shape
-        acc = accumulation_dtype(q.dtype)
+        B, H, N, D = q.shape
         dq, dk_out, dv_out, dk_ref_out = empty_subject_grads(q, inp.k, inp.v, inp.k_ref,
                                                              inp.detach_reference)
-        factor = _map_grad_scale(inp, dloss, acc)
-        if inp.mean_heads and inp.detach_reference:
-            dk, dv = _target_only_backward(inp, diff, dout, factor, dmaps, dq, acc)
-            dk_ref = None
+        # Head-mean maps with a detached reference need no A_r again: diff was saved.
+        paired = not (inp.mean_heads and inp.detach_reference)
+        keys = _SubjectKeys(inp, paired=paired)
+        factor = _map_grad_scale(inp, dloss, keys.acc)
+        W = keys.width
+        dkeys = dv = None
+        for rows in _chunks(N, _chunk_rows(B, H, keys.segments * W)):
+            qc = keys.queries(q, rows)
+            _, p = keys.probabilities(qc)
+            c = p.shape[1]
+            p_t = p[:, :, 0, :]
+            dp_t = None
+            if dout is not None:
+                do_c = keys.queries(dout, rows)
+                dp_t = torch.bmm(do_c, keys.v.transpose(1, 2))
+                p_tt = p_t.transpose(1, 2)
+                dv = torch.bmm(p_tt, do_c) if dv is None else dv.baddbmm_(p_tt, do_c)
+            if paired or dp_t is None:
+                dp = p.new_zeros(p.shape)
+                if dp_t is not None:
+                    dp[:, :, 0, :] = dp_t
+            else:
+                dp = dp_t.view(p.shape)
+            g = _subject_map_grads(inp, keys, p, diff, factor, dmaps, rows)
+            if g is not None:
+                keys.scatter_map_grads(dp, g, inp.mean_heads)
+            ds = torch._softmax_backward_data(dp, p, -1, keys.acc).view(B * H, c, -1)
+            if paired and inp.detach_reference:
+                ds[:, :, W:] = 0.0  # no gradient through A_r (P_r was only needed for diff)
+            dq[:, :, rows] = torch.bmm(ds, keys.keys).view(B, H, c, D)
+            ds_t = ds.transpose(1, 2)
+            dkeys = torch.bmm(ds_t, qc) if dkeys is None else dkeys.baddbmm_(ds_t, qc)
+        M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
+        dkeys = dkeys.view(B, H, -1, D).mul_(inp.scale)
+        dk_out.copy_(dkeys[:, :, :M])
+        if dv is None:
+            dv_out.zero_()
         else:
-            dk, dv, dk_ref = _paired_backward(inp, diff, dout, factor, dmaps, dq, acc)
-        dk_out.copy_(dk.mul_(inp.scale))
-        dv_out.copy_(dv)
-        if dk_ref is not None:
-            dk_ref_out.copy_(dk_ref.mul_(inp.scale))
+            dv_out.copy_(dv.view(B, H, W, -1)[:, :, :M])
+        if not inp.detach_reference:
+            dk_ref_out.copy_(dkeys[:, :, W:W + M_ref])
         return dq, dk_out, dv_out, dk_ref_out
 
 
-def _target_map_grad(inp: SubjectInputs, d: Optional[Tensor], factor: Optional[Tensor],
-                     dmaps: Optional[Tensor], rows: slice, acc) -> Optional[Tensor]:
-    """dA_t of a chunk, [B, (H,) c, S]: factor · diff (+ dmaps), before the 1/H of head means."""
-    g = None if factor is None else d * factor
+def _subject_map_grads(inp: SubjectInputs, keys: _SubjectKeys, p: Tensor, diff: Tensor,
+                       factor: Optional[Tensor], dmaps: Optional[Tensor],
+                       rows: slice) -> Optional[Tensor]:
+    """Map gradients of one chunk to scatter onto dP: [B, c, segments·S] for head-mean maps
+    (already divided by H) or [B, H, c, segments·S]; None when there are none.
+
+    dA_t = factor · diff (+ dmaps); dA_r = −factor · diff when the reference is not detached.
+    Per-head maps recompute diff per head from P (A_t − A_r is not stored per head)."""
+    S = inp.num_selected
+    if inp.mean_heads:
+        d = diff[:, rows]
+    else:
+        a = keys.gather_maps(p, False)
+        d = a[..., :S] - a[..., S:]
+    g_t = None if factor is None else d * factor
     if dmaps is not None:
-        dm = dmaps[..., rows, :].to(acc)
-        g = dm if g is None else g + dm
+        dm = dmaps[..., rows, :].to(keys.acc)
+        g_t = dm if g_t is None else g_t.add_(dm)
+    g = g_t
+    if keys.segments == 2:
+        g_r = None if (factor is None or inp.detach_reference) else -(d * factor)
+        if g_t is None and g_r is None:
+            return None
+        g = torch.cat([torch.zeros_like(d) if g_t is None else g_t,
+                       torch.zeros_like(d) if g_r is None else g_r], dim=-1)
+    if g is not None and inp.mean_heads:
+        g = g.div_(inp.heads)
     return g
-
-
-def _target_only_backward(inp, diff, dout, factor, dmaps, dq, acc):
-    """Head-mean maps, detached reference: A_r is not needed again (diff was saved)."""
-    q, H = inp.q, inp.heads
-    B, _, N, _ = q.shape
-    ops = _Operands(inp.k, inp.v, inp.bias, inp.scale)
-    dk = torch.zeros(inp.k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(inp.v.shape, dtype=acc, device=q.device)
-    for rows in _chunks(N, _chunk_rows(B, H, inp.k.shape[2])):
-        qc = q[:, :, rows].to(acc)
-        p = ops.probabilities(qc)
-        if dout is not None:
-            do_c = dout[:, :, rows].to(acc)
-            dp = torch.matmul(do_c, ops.v.transpose(-1, -2))
-            dv.add_(torch.matmul(p.transpose(-1, -2), do_c))
-        else:
-            dp = torch.zeros_like(p)
-        g = _target_map_grad(inp, diff[:, rows], factor, dmaps, rows, acc)
-        if g is not None:
-            g = (g / H).unsqueeze(1).expand(B, H, -1, -1)
-            dp.scatter_add_(-1, _map_index(inp.tokens, H, p.shape[2]), g)
-        ds = torch._softmax_backward_data(dp, p, -1, acc)
-        dq[:, :, rows] = torch.matmul(ds, ops.k_scaled)
-        dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
-    return dk, dv
-
-
-def _paired_backward(inp, diff, dout, factor, dmaps, dq, acc):
-    """Both key sets: per-head maps (diff recomputed per head) or a reference that gets gradients."""
-    q, H = inp.q, inp.heads
-    B, _, N, _ = q.shape
-    keys = _PairedKeys(inp)
-    S, W = keys.S, keys.width
-    grads_ref = not inp.detach_reference
-    dkk = torch.zeros(B, H, 2 * W, q.shape[3], dtype=acc, device=q.device)
-    dv = torch.zeros(B, H, W, inp.v.shape[3], dtype=acc, device=q.device)
-    for rows in _chunks(N, _chunk_rows(B, H, 2 * W)):
-        qc = q[:, :, rows].to(acc)
-        c = qc.shape[2]
-        _, p = keys.probabilities(qc)
-        dp = torch.zeros_like(p)
-        if dout is not None:
-            do_c = dout[:, :, rows].to(acc)
-            dp[..., 0, :] = torch.matmul(do_c, keys.v.transpose(-1, -2))
-            dv.add_(torch.matmul(p[..., 0, :].transpose(-1, -2), do_c))
-        if inp.mean_heads:
-            d = diff[:, rows]
-        else:
-            a = keys.maps(p, False)
-            d = a[..., :S] - a[..., S:]
-        g_t = _target_map_grad(inp, d, factor, dmaps, rows, acc)
-        g_r = -(d * factor) if (grads_ref and factor is not None) else None
-        if g_t is not None or g_r is not None:
-            g_t = torch.zeros_like(d) if g_t is None else g_t
-            g_r = torch.zeros_like(d) if g_r is None else g_r
-            g = torch.cat([g_t, g_r], dim=-1)
-            if inp.mean_heads:
-                g = (g / H).unsqueeze(1).expand(B, H, -1, -1)
-            dp.view(B, H, c, 2 * W).scatter_add_(-1, _map_index(keys.index, H, c), g)
-        ds = torch._softmax_backward_data(dp, p, -1, acc).view(B, H, c, 2 * W)
-        if not grads_ref:
-            ds[..., W:] = 0.0
-        dq[:, :, rows] = torch.matmul(ds, keys.keys_scaled)
-        dkk.add_(torch.matmul(ds.transpose(-1, -2), qc))
-    M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
-    dk_ref = dkk[:, :, W:W + M_ref] if grads_ref else None
-    return dkk[:, :, :M], dv[:, :, :M], dk_ref
 
 
 def _fused_cpu_attention_applies(q, k, v) -> bool:
@@ -427,6 +435,9 @@ def _fused_cpu_forward(inp: XattnInputs) -> ForwardResult:
         q, inp.k, inp.v, attn_mask=mask, scale=inp.scale)[:2]
     if bias is not None:
         lse = lse.masked_fill(_dead_rows(bias), float("inf"))
+    bad = nan_rows(q, inp.k)  # the kernel zeroes NaN rows; the contract propagates NaN
+    out = out.masked_fill(bad, float("nan"))
+    lse = lse.masked_fill(bad[..., 0], float("nan"))
     layout = empty_output(q, inp.v)
     if out.stride() != layout.stride():
         out = layout.copy_(out)

@@ -14,7 +14,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
     ) from _exc
 
 from .controller import AttentionRecorder, SemfidController, SubjectLossRecorder, install
-from .layers import cross_attention_layers, layer_levels, load_unet_config, resolve_layers, unet_from_config
+from .layers import cross_attention_layers, layer_levels, resolve_layers
 from .processors import SemfidAttnProcessor
 
 __all__ = [
@@ -26,6 +26,4 @@ __all__ = [
     "cross_attention_layers",
     "layer_levels",
     "resolve_layers",
-    "load_unet_config",
-    "unet_from_config",
 ]
