@@ -1,9 +1,8 @@
 """Adapter to the hand-written CUDA kernels of the extension ``semfid._C`` (``csrc/``).
 
-Opt-in only: the kernels compile and link on machines without a GPU, but ``backend="auto"`` must not
-choose them until they are validated on a real device (``AUTO_DEVICES`` stays empty; the self-test
-hook of :mod:`semfid.backends.base` decides per GPU). Use ``backend="cuda"`` or
-``SEMFID_BACKEND=cuda``.
+The kernels compile and link on machines without a GPU, but have never run on one here, so
+``backend="auto"`` takes them only on a GPU where :mod:`semfid.selftest` passed (``AUTO_DEVICES``
+stays empty, ``SELF_VALIDATED`` is set); elsewhere use ``backend="cuda"`` or ``SEMFID_BACKEND=cuda``.
 
 What the kernels take (the table :mod:`semfid.backends.cuda_limits`, which ``csrc/`` is generated
 from): CUDA tensors in float16 / bfloat16, at most ``MAX_KEYS`` keys per head (staged in shared
@@ -55,6 +54,7 @@ class CudaBackend(BackendBase):
     PRIORITY = 20
     # Empty until the kernels are validated on real hardware: "auto" never picks cuda by itself.
     AUTO_DEVICES = frozenset()
+    SELF_VALIDATED = True  # auto takes it on a GPU where semfid.selftest passed
 
     @classmethod
     def unavailable_reason(cls):
@@ -65,7 +65,8 @@ class CudaBackend(BackendBase):
         reason = _cpp_lib.unavailable_reason()
         if reason is not None:
             return ("not built: " if _cpp_lib.is_missing() else "built but not loadable: ") + reason
-        return "compiled, not yet validated on a GPU (opt-in: backend='cuda')"
+        return ("compiled, never run on a GPU by its authors: auto takes it on a GPU where "
+                "`python -m semfid.selftest --backend cuda` passed; else opt-in (backend='cuda')")
 
     @classmethod
     def not_supported_reasons(cls, inp: Union[XattnInputs, SubjectInputs]) -> List[str]:
