@@ -13,7 +13,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
         f"Attention blocks): pip install 'semfid[diffusers]'  ({_exc})"
     ) from _exc
 
-from .controller import AttentionRecorder, SemfidController, SubjectLossRecorder, install
+from .alignment import AlignedTokens, align_tokens
+from .controller import SemfidController, install
+from .recorders import AttentionRecorder, NoCallError, SubjectLossRecorder
 from .layers import cross_attention_layers, layer_levels, load_unet_config, resolve_layers, unet_from_config
 from .processors import SemfidAttnProcessor
 
@@ -23,6 +25,9 @@ __all__ = [
     "SemfidAttnProcessor",
     "AttentionRecorder",
     "SubjectLossRecorder",
+    "NoCallError",
+    "AlignedTokens",
+    "align_tokens",
     "cross_attention_layers",
     "layer_levels",
     "resolve_layers",
