@@ -33,15 +33,15 @@ def _columns(columns: Optional[Sequence[int]], s: int, arg: str = "columns") -> 
     return cols
 
 
-def _masks(masks: Tensor, batch: int, k: int) -> Tensor:
-    """[B, K, H, W] or [B, H, W] (one subject) masks, checked, as float [B, K, H, W]."""
+def _masks(masks: Tensor, batch: int, k: int, dtype: torch.dtype) -> Tensor:
+    """[B, K, H, W] or [B, H, W] (one subject) masks, checked, as [B, K, H, W] in the maps' dtype."""
     if not isinstance(masks, Tensor) or masks.dim() not in (3, 4):
         raise ValueError(f"masks must be a [B, K, H, W] (or [B, H, W]) tensor, got {getattr(masks, 'shape', masks)!r}")
     m = masks if masks.dim() == 4 else masks[:, None]
     if m.shape[0] != batch or m.shape[1] != k:
         raise ValueError(f"masks must have batch {batch} and one mask per selected column ({k}), "
                          f"got shape {tuple(masks.shape)}")
-    return m.float()
+    return m.to(device=m.device, dtype=dtype)
 
 
 def _resize(m: Tensor, grid) -> Tensor:
@@ -78,7 +78,7 @@ def mask_mse_loss(rec, masks: Tensor, columns: Optional[Sequence[int]] = None, *
         a = a[..., cols]
         if normalize:
             a = a / a.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        m = _resize(_masks(masks, a.shape[0], len(cols)), grid).to(a.dtype)
+        m = _resize(_masks(masks, a.shape[0], len(cols), a.dtype).to(a.device), grid)
         total.append((a - m).pow(2).mean(dim=(1, 2)))
     return torch.stack(total).mean(dim=0)
 
@@ -94,7 +94,7 @@ def balanced_l1_loss(rec, masks: Tensor, columns: Optional[Sequence[int]] = None
     for a, grid in _layers(rec):
         cols = _columns(columns, a.shape[-1])
         a = a[..., cols]  # [B, (H,) N, K]
-        m = _resize(_masks(masks, a.shape[0], len(cols)), grid).to(a.dtype)
+        m = _resize(_masks(masks, a.shape[0], len(cols), a.dtype).to(a.device), grid)
         if a.dim() == 4:
             m = m[:, None]
         bg = 1 - m
