@@ -132,7 +132,7 @@ class ExplicitSoftmaxStoreProcessor:
 def build_unet(config_name: str, device: torch.device, dtype: torch.dtype):
     """A frozen, randomly initialised UNet from a config shipped with semfid (created on ``device``
     directly: a 2.6 B-parameter SDXL initialises in seconds on a GPU, minutes on a CPU)."""
-    from semfid.diffusers import load_unet_config
+    from semfid.testing.unets import load_unet_config
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):

@@ -1,6 +1,6 @@
-"""``python -m semfid.info``: versions, backends (usable or not, and why), CUDA extension, GPU.
+"""``python -m semfid.info``: versions, backends (usable or not, and why), and which backend runs a tensor.
 
-Flags:
+Flags (each imports its tool only when given):
   --compile-check    compile every Triton kernel configuration for sm_80 and sm_90 (no GPU needed)
                      and print registers / spills / shared memory; exits non-zero on any failure.
   --cuda-resources   print the registers / spills / shared memory of the built CUDA kernels.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -17,8 +18,17 @@ from typing import List, Optional
 import torch
 
 import semfid
-from semfid._inputs import XattnInputs
-from semfid.backends import registered_backends
+from semfid._inputs import SubjectInputs, XattnInputs
+from semfid.backends import ENV_VAR, registered_backends, select_backend
+
+#: flag -> (module whose ``main(argv) -> int`` runs the tool, help); imported only when the flag is given
+TOOLS = {
+    "--compile-check": ("semfid._compile_check",
+                        "compile every Triton kernel config for sm_80/sm_90 and report resources"),
+    "--cuda-resources": ("semfid._cuda_resources", "registers/spills/shared memory of the built CUDA kernels"),
+}
+
+PROBE = "SD1.5 fp16 layer, 8x40 heads, 77 keys, 10 selected tokens"
 
 
 def _version(module: str) -> str:
@@ -28,26 +38,29 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__})"
 
 
-def _probe(device: str) -> XattnInputs:
-    """A typical SD1.5 cross-attention input: fp16, 8 heads x 40, 77 keys, 10 selected tokens."""
+def _probes(device: str) -> dict:
+    """Typical SD1.5 inputs of each op (fp16, 8 heads x 40, 77 keys, 10 tokens), by public function."""
     def t(n: int) -> torch.Tensor:
         return torch.zeros(1, 8, n, 40, dtype=torch.float16, device=device)
 
-    return XattnInputs.validate(t(4), t(77), t(77), select=list(range(10)))
+    tokens = list(range(10))
+    return {"cross_attention": XattnInputs.validate(t(4), t(77), t(77), select=tokens),
+            "subject_attention": SubjectInputs.validate(t(4), t(77), t(77), t(77), tokens=tokens)}
 
 
-def report() -> str:
-    lines: List[str] = []
-    lines.append(f"semfid {semfid.__version__}")
-    lines.append(f"python {platform.python_version()} on {platform.platform()}")
-    lines.append(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
-    for mod in ("triton", "diffusers", "transformers", "xformers"):
-        lines.append(f"{mod} {_version(mod)}")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            lines.append(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
-    else:
+def _devices() -> List[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def versions() -> List[str]:
+    """semfid, Python, torch and the optional packages; the GPUs; the CUDA extension."""
+    lines = [f"semfid {semfid.__version__}", f"python {platform.python_version()} on {platform.platform()}",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
+    lines += [f"{mod} {_version(mod)}" for mod in ("triton", "diffusers", "transformers", "xformers")]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        lines.append(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    if not torch.cuda.is_available():
         lines.append("GPU: none visible")
     try:
         from semfid import _cpp_lib
@@ -55,9 +68,12 @@ def report() -> str:
         lines.append(f"CUDA extension semfid._C: {_cpp_lib.status()}")
     except ImportError:
         lines.append("CUDA extension semfid._C: not part of this build")
-    lines.append("")
-    lines.append("backends (auto tries them top to bottom; probe: SD1.5 fp16 8x40 heads, 77 keys):")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return lines
+
+
+def backends() -> List[str]:
+    """Every registered backend: usable or why not, what it supports, whether it takes the probe."""
+    lines = [f"backends (auto tries them top to bottom; probe: {PROBE}):"]
     for b in registered_backends():
         missing = b.unavailable_reason()
         head = f"  {b.NAME:<7} priority {b.PRIORITY:<4} {'usable' if missing is None else 'unusable'}"
@@ -69,29 +85,45 @@ def report() -> str:
         if missing is not None:
             lines.append(f"          why unusable: {missing}")
             continue
-        for dev in devices:
-            reasons = b.not_supported_reasons(_probe(dev))
-            verdict = "runs it" if not reasons else "cannot: " + "; ".join(reasons)
-            lines.append(f"          SD1.5 fp16 probe on {dev}: {verdict}")
-    return "\n".join(lines)
+        for dev in _devices():
+            for op, inp in _probes(dev).items():
+                reasons = b.not_supported_reasons(inp)
+                verdict = "runs it" if not reasons else "cannot: " + "; ".join(reasons)
+                lines.append(f"          {op} probe on {dev}: {verdict}")
+            refusal = b.auto_refusal(torch.device(dev))
+            lines.append(f"          auto may pick it on {dev}: {'yes' if refusal is None else 'no, ' + refusal}")
+    return lines
+
+
+def paths() -> List[str]:
+    """The backend ``backend="auto"`` picks for each probe on the CPU and on a CUDA GPU."""
+    lines = [f"backend='auto' picks, for the probes ({ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}):"]
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            lines.append("  cuda: no GPU visible")
+            continue
+        for op, inp in _probes(dev).items():
+            try:
+                lines.append(f"  {op} on {dev}: {select_backend(inp).NAME}")
+            except ValueError as exc:
+                lines.append(f"  {op} on {dev}: none ({str(exc).splitlines()[0]})")
+    return lines
+
+
+def report() -> str:
+    """The whole ``python -m semfid.info`` text."""
+    return "\n".join(versions() + [""] + backends() + [""] + paths())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semfid.info", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compile-check", action="store_true",
-                        help="compile every Triton kernel config for sm_80/sm_90 and report resources")
-    parser.add_argument("--cuda-resources", action="store_true",
-                        help="registers/spills/shared memory of the built CUDA kernels")
+    for flag, (_, help_text) in TOOLS.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     args, rest = parser.parse_known_args(argv)
-    if args.compile_check:
-        from semfid import _compile_check
-
-        return _compile_check.main(rest)
-    if args.cuda_resources:
-        from semfid import _cuda_resources
-
-        return _cuda_resources.main(rest)
+    for flag, (module, _) in TOOLS.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            return importlib.import_module(module).main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     print(report())

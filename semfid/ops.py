@@ -30,8 +30,7 @@ Tensor = torch.Tensor
 # ------------------------------------------------------------------------------------------------
 # semfid::xattn_fwd / xattn_bwd
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("semfid::xattn_fwd", mutates_args=())
-def _xattn_fwd(
+def _xattn_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Optional[Tensor],
@@ -45,13 +44,15 @@ def _xattn_fwd(
     return get_backend(backend).forward(XattnInputs(q, k, v, bias, select, scale, mean_heads))
 
 
+_xattn_fwd = torch.library.custom_op("semfid::xattn_fwd", mutates_args=())(_xattn_fwd_impl)
+
+
 @_xattn_fwd.register_fake
 def _xattn_fwd_fake(q, k, v, bias, select, scale, mean_heads, backend):
     return empty_forward_outputs(q, k, v, select, mean_heads)
 
 
-@torch.library.custom_op("semfid::xattn_bwd", mutates_args=())
-def _xattn_bwd(
+def _xattn_bwd_impl(
     q: Tensor,
     k: Tensor,
     v: Optional[Tensor],
@@ -70,6 +71,9 @@ def _xattn_bwd(
     return get_backend(backend).backward(inp, out, lse, dout, dmaps)
 
 
+_xattn_bwd = torch.library.custom_op("semfid::xattn_bwd", mutates_args=())(_xattn_bwd_impl)
+
+
 @_xattn_bwd.register_fake
 def _xattn_bwd_fake(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps, backend):
     dv = torch.empty_like(v) if v is not None else q.new_empty(0)
@@ -83,6 +87,7 @@ def _xattn_setup_context(ctx, inputs, output):
     ctx.scale, ctx.mean_heads, ctx.backend = scale, mean_heads, backend
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
+    ctx.eager = False
 
 
 def _xattn_backward(ctx, dout, dlse, dmaps):
@@ -91,7 +96,7 @@ def _xattn_backward(ctx, dout, dlse, dmaps):
     dmaps = dmaps if select is not None else None
     if dout is None and dmaps is None:
         return (None,) * 8
-    dq, dk, dv = _xattn_bwd(
+    dq, dk, dv = (_xattn_bwd_impl if ctx.eager else _xattn_bwd)(
         q, k, v, bias, select, ctx.scale, ctx.mean_heads, out, lse, dout, dmaps, ctx.backend
     )
     return dq, dk, (dv if v is not None else None), None, None, None, None, None
@@ -103,8 +108,7 @@ _xattn_fwd.register_autograd(_xattn_backward, setup_context=_xattn_setup_context
 # ------------------------------------------------------------------------------------------------
 # semfid::subject_fwd / subject_bwd
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("semfid::subject_fwd", mutates_args=())
-def _subject_fwd(
+def _subject_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -126,14 +130,16 @@ def _subject_fwd(
     return get_backend(backend).subject_forward(inp)
 
 
+_subject_fwd = torch.library.custom_op("semfid::subject_fwd", mutates_args=())(_subject_fwd_impl)
+
+
 @_subject_fwd.register_fake
 def _subject_fwd_fake(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, scale,
                       mean_heads, detach_reference, return_maps, backend):
     return empty_subject_outputs(q, v, tokens, mean_heads, detach_reference, return_maps)
 
 
-@torch.library.custom_op("semfid::subject_bwd", mutates_args=())
-def _subject_bwd(
+def _subject_bwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -161,6 +167,9 @@ def _subject_bwd(
     return get_backend(backend).subject_backward(inp, out, lse, lse_ref, diff, dout, dloss, dmaps)
 
 
+_subject_bwd = torch.library.custom_op("semfid::subject_bwd", mutates_args=())(_subject_bwd_impl)
+
+
 @_subject_bwd.register_fake
 def _subject_bwd_fake(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, scale,
                       mean_heads, detach_reference, out, lse, lse_ref, diff, dout, dloss, dmaps,
@@ -178,6 +187,7 @@ def _subject_setup_context(ctx, inputs, output):
     ctx.return_maps, ctx.backend = return_maps, backend
     ctx.mark_non_differentiable(lse, lse_ref, diff)
     ctx.set_materialize_grads(False)
+    ctx.eager = False
 
 
 def _subject_backward(ctx, dout, dlse, dlse_ref, dloss, dmaps, ddiff):
@@ -185,7 +195,7 @@ def _subject_backward(ctx, dout, dlse, dlse_ref, dloss, dmaps, ddiff):
         return (None,) * 14
     (q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, out, lse, lse_ref,
      diff) = ctx.saved_tensors
-    dq, dk, dv, dk_ref = _subject_bwd(
+    dq, dk, dv, dk_ref = (_subject_bwd_impl if ctx.eager else _subject_bwd)(
         q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, ctx.scale, ctx.mean_heads,
         ctx.detach_reference, out, lse, lse_ref, diff, dout, dloss,
         dmaps if ctx.return_maps else None, ctx.backend,
@@ -196,9 +206,41 @@ def _subject_backward(ctx, dout, dlse, dlse_ref, dloss, dmaps, ddiff):
 _subject_fwd.register_autograd(_subject_backward, setup_context=_subject_setup_context)
 
 
+# ------------------------------------------------------------------------------------------------
+# the eager path: the same implementations and backward, without the custom-op dispatch
+# ------------------------------------------------------------------------------------------------
+def _eager_function(name: str, impl, setup_context, backward) -> type:
+    """An autograd.Function running ``impl`` and the op's own ``setup_context`` / ``backward``
+    directly: in eager mode the custom-op layer (schema checks, redispatch) costs more than a
+    small layer's whole computation. Traced code (``torch.compile``, fake tensors, dispatch
+    modes) keeps going through the registered op."""
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        ctx.eager = True
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+
+
+_EagerXattn = _eager_function("_EagerXattn", _xattn_fwd_impl, _xattn_setup_context, _xattn_backward)
+_EagerSubject = _eager_function("_EagerSubject", _subject_fwd_impl, _subject_setup_context,
+                                _subject_backward)
+
+
+def _traced() -> bool:
+    """True under torch.compile or any Python dispatch mode (FakeTensorMode, op counters)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _run(inp: XattnInputs, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     impl = select_backend(inp, backend)
-    return _xattn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads, impl.NAME)
+    args = (inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads, impl.NAME)
+    return _xattn_fwd(*args) if _traced() else _EagerXattn.apply(*args)
 
 
 def _zero_ragged_padding(maps: Tensor, selection: Optional[TokenSelection]) -> Tensor:
@@ -305,10 +347,9 @@ def subject_attention(
         return_maps=return_maps,
     )
     impl = select_backend(inp, backend)
-    out, _, _, loss, maps, _ = _subject_fwd(
-        inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-        inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps, impl.NAME,
-    )
+    args = (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps, impl.NAME)
+    out, _, _, loss, maps, _ = _subject_fwd(*args) if _traced() else _EagerSubject.apply(*args)
     if return_maps:
         return out, loss, _zero_ragged_padding(maps, inp.selection)
     return out, loss

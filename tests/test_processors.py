@@ -23,9 +23,8 @@ from semfid.diffusers import (
     SubjectLossRecorder,
     cross_attention_layers,
     install,
-    load_unet_config,
-    unet_from_config,
 )
+from semfid.testing.unets import load_unet_config, unet_from_config
 
 from _diffusers_ref import RefState, install_reference
 

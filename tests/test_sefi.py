@@ -10,6 +10,7 @@ The bad-input cases call the entry-point functions (``train_main`` / ``generate_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,13 +30,21 @@ pytest.importorskip("accelerate")
 
 from PIL import Image  # noqa: E402
 
-from semfid.sefi import io  # noqa: E402
-from semfid.sefi.cli import generate_main, train_main  # noqa: E402
-from semfid.sefi.generate import SefiSampler, generate  # noqa: E402
+import semfid  # noqa: E402
+from semfid.sefi.batches import diffusion_target  # noqa: E402
+from semfid.sefi.checkpoints import latest_checkpoint  # noqa: E402
+from semfid.sefi.cli import _generate_parser, _tiny_parser, _train_parser, generate_main, train_main  # noqa: E402
+from semfid.sefi.config import GenerateConfig, TrainConfig  # noqa: E402
+from semfid.sefi.errors import SefiInputError  # noqa: E402
+from semfid.sefi.generate import generate  # noqa: E402
+from semfid.sefi.learned import TOKENS_FILE, load_learned, save_learned  # noqa: E402
+from semfid.sefi.options import given_options  # noqa: E402
+from semfid.sefi.pipeline import detect_kind, load_components  # noqa: E402
+from semfid.sefi.sample import SefiSampler  # noqa: E402
 from semfid.sefi.text import PromptEncoder, subject_token_indices  # noqa: E402
-from semfid.sefi.tiny import build_tiny_pipeline  # noqa: E402
+from semfid.sefi.tiny import TinyPipelineConfig, build_tiny_pipeline  # noqa: E402
 from semfid.sefi.tokens import SefiTokens, stage_of  # noqa: E402
-from semfid.sefi.train import SefiTrainer, TrainConfig, diffusion_target, train  # noqa: E402
+from semfid.sefi.train import SefiTrainer, train  # noqa: E402
 
 RES = 64
 FIRST_ATTN2 = {"sd15": "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
@@ -51,7 +60,10 @@ def _script(name: str) -> str:
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # the child imports the same semfid as this process (a checkout beside an editable install of another)
+    root = str(Path(semfid.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -130,7 +142,7 @@ def subject_x1(work, sdxl, images):
 
 @pytest.fixture(scope="module")
 def sd15_components(sd15):
-    return io.load_components(sd15)
+    return load_components(sd15)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +159,7 @@ def test_tiny_pipeline_loads_offline_with_from_pretrained(kind, sd15, sdxl):
     ids = pipe.tokenizer("a photo of the face of person").input_ids
     assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
     assert len(ids) == 9  # start, 7 words (each one token of the tiny vocabulary), end
-    assert io.detect_kind(sd15 if kind == "sd15" else sdxl) == kind
+    assert detect_kind(sd15 if kind == "sd15" else sdxl) == kind
 
 
 def test_stage_of_follows_floor_t_S_over_T():
@@ -191,6 +203,72 @@ def test_layout_and_subject_token_alignment(sd15_components):
     assert ref.eos_index == 7 + m
 
 
+def test_encode_key_value_equals_two_separate_encodings(sd15_components):
+    enc = PromptEncoder(sd15_components.tokenizers, sd15_components.text_encoders, "sd15")
+    prompts = ["a photo of <a>", "<a> and <b> in a park"]
+    layouts = [enc.layout(p, {"<a>": 1, "<b>": 2}) for p in prompts]
+    gen = torch.Generator().manual_seed(0)
+    a = [(torch.randn(2, 1, 32, generator=gen), torch.randn(2, 1, 32, generator=gen))]  # per prompt
+    b = [(torch.randn(1, 2, 32, generator=gen), torch.randn(1, 2, 32, generator=gen))]  # shared
+    with torch.no_grad():
+        keys, values = enc.encode_key_value(layouts, {"<a>": a, "<b>": b})
+        for role, states in ((0, keys), (1, values)):
+            fills = [{"<a>": [a[0][role][i]], "<b>": [b[0][role][0]]} for i in range(2)]
+            expect = enc.encode(layouts, fills)
+            torch.testing.assert_close(states.hidden, expect.hidden, rtol=1e-6, atol=1e-6)
+    assert keys.pooled is None and not torch.equal(keys.hidden, values.hidden)
+
+
+# ------------------------------------------------------------------------------------------------
+# command-line options come from the config dataclasses
+# ------------------------------------------------------------------------------------------------
+def _flags(parser) -> set:
+    return {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
+
+
+def test_cli_flags_are_the_documented_ones():
+    assert _flags(_train_parser()) == {
+        "--model", "--image", "--output", "--steps", "--resolution", "--placeholder", "--class-word",
+        "--initializer", "--template", "--stages", "--num-vectors", "--mode", "--attn-loss-weight", "--lr",
+        "--batch-size", "--seed", "--mixed-precision", "--gradient-checkpointing", "--checkpoint-every",
+        "--resume", "--variant", "--quiet"}
+    assert _flags(_generate_parser()) == {
+        "--model", "--embeddings", "--prompt", "--output", "--steps", "--resolution", "--guidance-scale",
+        "--seed", "--attention-maps", "--variant", "--quiet"}
+    assert _flags(_tiny_parser()) == {"--seed", "--prediction-type"}
+
+
+@pytest.mark.parametrize("make, cls, required", [
+    (_train_parser, TrainConfig, ["--model", "m", "--image", "i", "--output", "o"]),
+    (_generate_parser, GenerateConfig, ["--model", "m", "--embeddings", "e", "--prompt", "p", "--output", "o"]),
+    (_tiny_parser, TinyPipelineConfig, ["sd15", "dir"]),
+])
+def test_cli_defaults_are_the_config_defaults(make, cls, required):
+    parser = make()
+    assert given_options(parser.parse_args(required), cls) == {}  # unset flags: the dataclass default
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in dataclasses.fields(cls):
+        if f.name in helps and f.default is not None and f.default is not False:
+            shown = ", ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+            assert shown in helps[f.name], (f.name, helps[f.name])
+
+
+def test_cli_options_parse_to_config_fields():
+    base = ["--model", "m", "--image", "i", "--output", "o"]
+    given = given_options(_train_parser().parse_args(base + [
+        "--steps", "7", "--class-word", "cat", "--lr", "0.5", "--gradient-checkpointing", "--mode", "direct"]),
+        TrainConfig)
+    assert given == {"steps": 7, "class_word": "cat", "lr": 0.5, "gradient_checkpointing": True, "mode": "direct"}
+    assert TrainConfig(**given).validate().learning_rate == 0.5
+    gen = _generate_parser().parse_args(["--model", "m", "--embeddings", "e", "--prompt", "p", "--output", "o",
+                                         "--seed", "7", "--seed", "8", "--guidance-scale", "2"])
+    assert given_options(gen, GenerateConfig) == {"seeds": [7, 8], "guidance_scale": 2.0}
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(base + ["--mode", "bogus"])
+    with pytest.raises(TypeError, match="stepz"):
+        train("m", ["i"], "o", stepz=3)
+
+
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +284,7 @@ def _check_output_folder(out: Path, kind: str, placeholder: str, widths, cross_d
     assert cfg["num_stages"] == 5 and cfg["num_train_timesteps"] == 1000
     assert cfg["training"]["steps"] == 4 and cfg["training"]["resolution"] == RES
     assert cfg["training"]["attn_loss_weight"] == 0.003
-    learned = io.load_learned(out)
+    learned = load_learned(out)
     for p in learned.pairs:  # trained: no longer all equal to the initializer embedding
         assert torch.isfinite(p).all()
         assert not torch.allclose(p, p[0, 0, 0].expand_as(p))
@@ -219,7 +297,7 @@ def test_train_cli_sd15_writes_tokens_and_keeps_pipeline_untouched(subject_v1, s
     assert cfg["mode"] == "attention" and len(cfg["training"]["model"]) > 0
     assert learned.module_state["generators.0.out.weight"].abs().sum() > 0  # zero-initialised
     # the checkpoint at step 2 is kept; the user's pipeline folder is unchanged
-    assert io.latest_checkpoint(subject_v1).name == "step-000002"
+    assert latest_checkpoint(subject_v1).name == "step-000002"
     assert _tree_hash(sd15 / "tokenizer") + _tree_hash(sd15 / "text_encoder") == sd15_tokenizer_hash
 
 
@@ -314,15 +392,15 @@ def test_v_prediction_target_follows_scheduler_config():
     v = DDPMScheduler(prediction_type="v_prediction")
     assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
     torch.testing.assert_close(diffusion_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
-    with pytest.raises(io.SefiInputError, match="sample"):
+    with pytest.raises(SefiInputError, match="sample"):
         diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, t)
 
 
 def test_save_load_round_trip_and_resume_matches_uninterrupted_run(subject_v1, sd15, images, work):
-    learned = io.load_learned(subject_v1)
+    learned = load_learned(subject_v1)
     from safetensors import safe_open
 
-    with safe_open(str(subject_v1 / io.TOKENS_FILE), framework="pt") as f:
+    with safe_open(str(subject_v1 / TOKENS_FILE), framework="pt") as f:
         assert set(f.keys()) >= {"pairs.0", "module.generators.0.out.weight"}
     # the module state reproduces the stored pairs
     module = SefiTokens([torch.zeros(32)], num_stages=5, num_vectors=1, mode="attention")
@@ -335,7 +413,7 @@ def test_save_load_round_trip_and_resume_matches_uninterrupted_run(subject_v1, s
                      "--output", str(resumed), "--steps", "4", "--resolution", str(RES), "--placeholder",
                      "<v1>", "--checkpoint-every", "2", "--seed", "3", "--resume", "--quiet"])
     assert rc == 0
-    torch.testing.assert_close(io.load_learned(resumed).pairs[0], learned.pairs[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(load_learned(resumed).pairs[0], learned.pairs[0], rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,10 +427,10 @@ def test_kv_separation_values_change_output_not_maps(kind, request):
     deeper layers' queries do depend on earlier layers' outputs, hence on the values.
     """
     if kind == "sd15":
-        comps, learned = request.getfixturevalue("sd15_components"), io.load_learned(request.getfixturevalue("subject_v1"))
+        comps, learned = request.getfixturevalue("sd15_components"), load_learned(request.getfixturevalue("subject_v1"))
     else:
-        comps = io.load_components(request.getfixturevalue("sdxl"))
-        learned = io.load_learned(request.getfixturevalue("subject_x1")[0])
+        comps = load_components(request.getfixturevalue("sdxl"))
+        learned = load_learned(request.getfixturevalue("subject_x1")[0])
     ph, layer = learned.placeholder, FIRST_ATTN2[kind]
     sampler = SefiSampler(comps, [learned])
     try:
@@ -393,7 +471,7 @@ def test_kv_separation_values_change_output_not_maps(kind, request):
 
 
 def test_two_placeholders_each_use_their_own_pairs(sd15_components, subject_v1, subject_v2):
-    s1, s2 = io.load_learned(subject_v1), io.load_learned(subject_v2[0])
+    s1, s2 = load_learned(subject_v1), load_learned(subject_v2[0])
     sampler = SefiSampler(sd15_components, [s1, s2])
     try:
         layouts = sampler.layouts(["<v1> and <v2> shaking hands"])
@@ -492,8 +570,8 @@ def test_generate_bad_inputs(capsys, sd15, sdxl, subject_v1, subject_v2, subject
             "--steps", "1", "--resolution", RES, "--attention-maps", maps]
     # embeddings of another width: a consistent folder for a 48-wide text encoder
     wide = work / "wide"
-    learned = io.load_learned(subject_v1)
-    io.save_learned(wide, [torch.zeros(5, 2, 1, 48)], {}, dict(learned.config, placeholder="<w>",
+    learned = load_learned(subject_v1)
+    save_learned(wide, [torch.zeros(5, 2, 1, 48)], {}, dict(learned.config, placeholder="<w>",
                                                                token_widths=[48]))
     clash = work / "clash"
     shutil.copytree(subject_v2[0], clash)

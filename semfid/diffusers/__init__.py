@@ -15,8 +15,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
 
 from .alignment import AlignedTokens, align_tokens
 from .controller import SemfidController, install
+from .layers import cross_attention_layers, layer_levels, resolve_layers
 from .recorders import AttentionRecorder, NoCallError, SubjectLossRecorder
-from .layers import cross_attention_layers, layer_levels, load_unet_config, resolve_layers, unet_from_config
 from .processors import SemfidAttnProcessor
 
 __all__ = [
@@ -31,6 +31,4 @@ __all__ = [
     "cross_attention_layers",
     "layer_levels",
     "resolve_layers",
-    "load_unet_config",
-    "unet_from_config",
 ]

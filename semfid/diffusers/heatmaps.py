@@ -1,6 +1,6 @@
 """One labelled grid image of per-token heatmaps (DAAM / Prompt-to-Prompt style), with PIL only.
 
-The tiles are :func:`semfid.sefi.generate.heatmap_image` overlays (the generated image blended with
+The tiles are :func:`semfid.sefi.heatmaps.heatmap_image` overlays (the generated image blended with
 one token's map, the token written on a strip above); this module lays them out in rows.
 Pillow's built-in bitmap font is used: nothing is fetched.
 """
@@ -30,7 +30,7 @@ def heatmap_grid(heat: torch.Tensor, labels: Optional[Sequence[str]] = None, *, 
     """
     from PIL import Image
 
-    from ..sefi.generate import heatmap_image
+    from ..sefi.heatmaps import heatmap_image
 
     if not isinstance(heat, torch.Tensor) or heat.dim() != 3 or heat.shape[0] == 0:
         raise ValueError(f"heat must be a [S, h, w] tensor with S >= 1, got {getattr(heat, 'shape', heat)!r}")

@@ -8,8 +8,6 @@ order they run in (down → mid → up): everything here is indexed by name, nev
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -144,47 +142,7 @@ def resolve_layers(spec: LayerFilter, names: Sequence[str], *, arg: str = "layer
     return chosen
 
 
-# ------------------------------------------------------------------------------------------------
-# UNet configs shipped in semfid/configs (facts: SD1.5, SDXL base, and tiny structural twins)
-# ------------------------------------------------------------------------------------------------
-UNET_CONFIGS = ("sd15_unet", "sdxl_unet", "sd15_unet_twin", "sdxl_unet_twin")
-
-
-def load_unet_config(name: str) -> dict:
-    r"""One of the UNet configs shipped in ``semfid/configs`` as a dict.
-
-    Args:
-        name (`str`): ``"sd15_unet"``, ``"sdxl_unet"`` (full size: 16 / 70 attn2 layers) or their
-            structural twins ``"sd15_unet_twin"``, ``"sdxl_unet_twin"`` (same block layout and layer
-            names, tiny widths: for CPU tests). A ``.json`` suffix is accepted.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    stem = name[:-5] if name.endswith(".json") else name
-    if stem not in UNET_CONFIGS:
-        raise ValueError(f"name must be one of {list(UNET_CONFIGS)}, got {name!r}")
-    text = resources.files("semfid").joinpath("configs", f"{stem}.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def unet_from_config(name: str, **overrides):
-    r"""A randomly initialised ``UNet2DConditionModel`` from a shipped config (nothing downloaded).
-
-    Args:
-        name (`str`): see :func:`load_unet_config`.
-        **overrides: config entries to change (e.g. ``sample_size=32``).
-    """
-    from diffusers import UNet2DConditionModel
-
-    config = load_unet_config(name)
-    config.update(overrides)
-    return UNet2DConditionModel.from_config(config)
-
-
 __all__ = [
-    "UNET_CONFIGS",
-    "load_unet_config",
-    "unet_from_config",
     "LayerFilter",
     "attention_layers",
     "cross_attention_layers",

@@ -15,19 +15,36 @@ generate("path/to/stable-diffusion-v1-5", ["out/me"], ["a painting of <v*> in a 
 ```
 
 Command line: ``semfid-train``, ``semfid-generate``, ``semfid-tiny-pipeline`` (see :mod:`semfid.sefi.cli`).
+
+Modules, one concept each:
+
+* :mod:`.config` — ``TrainConfig`` / ``GenerateConfig``: every option, its default and help text,
+  read by the API, the docstrings and the CLI (:mod:`.options`, :mod:`.cli`);
+* :mod:`.tokens` — the trainable stage token pairs and the stage rule;
+* :mod:`.text` — prompt layout and encoding, the K/V text states (``encode_key_value``);
+* :mod:`.batches` and :mod:`.train` — training crops / targets and the trainer;
+* :mod:`.sample`, :mod:`.heatmaps` and :mod:`.generate` — sampling, heatmap drawing, the entry point;
+* :mod:`.learned` and :mod:`.checkpoints` — the file formats (safetensors + JSON, via :mod:`.files`);
+* :mod:`.images`, :mod:`.pipeline` — image files, loading a local diffusers folder;
+* :mod:`.tiny` — tiny random pipelines; :mod:`.errors` — ``SefiInputError``.
 """
 
-from .generate import GeneratedImage, SefiSampler, generate
-from .io import LearnedSubject, SefiInputError, load_components, load_learned
+from .config import GenerateConfig, TrainConfig
+from .errors import SefiInputError
+from .generate import generate
+from .learned import LearnedSubject, load_learned
+from .pipeline import load_components
+from .sample import GeneratedImage, SefiSampler
 from .text import PromptEncoder, TextStates
 from .tiny import build_tiny_pipeline
 from .tokens import SefiTokens, stage_of
-from .train import SefiTrainer, TrainConfig, TrainResult, train
+from .train import SefiTrainer, TrainResult, train
 
 __all__ = [
     "train",
     "generate",
     "TrainConfig",
+    "GenerateConfig",
     "TrainResult",
     "SefiTrainer",
     "SefiSampler",

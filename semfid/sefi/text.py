@@ -21,7 +21,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .io import SefiInputError
+from .errors import SefiInputError
 
 Tensor = torch.Tensor
 
@@ -71,6 +71,15 @@ class TextStates:
     hidden: Tensor
     pooled: Optional[Tensor] = None
 
+    def rows(self, index: slice) -> "TextStates":
+        """The states of the prompts ``index`` selects (a slice of the batch)."""
+        return TextStates(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
+
+def token_widths(text_encoders: Sequence[torch.nn.Module]) -> List[int]:
+    """Token-embedding width of each text encoder (768 for CLIP-L, 1280 for OpenCLIP bigG)."""
+    return [int(te.get_input_embeddings().weight.shape[1]) for te in text_encoders]
+
 
 def placeholder_pattern(placeholders: Sequence[str]) -> Optional["re.Pattern"]:
     """A regex matching any of ``placeholders`` (longest first), or None when there are none."""
@@ -101,8 +110,8 @@ class PromptEncoder:
 
     @property
     def token_widths(self) -> List[int]:
-        """Token-embedding width of each text encoder (768 for CLIP-L, 1280 for OpenCLIP bigG)."""
-        return [int(te.get_input_embeddings().weight.shape[1]) for te in self.text_encoders]
+        """Token-embedding width of each text encoder (see :func:`token_widths`)."""
+        return token_widths(self.text_encoders)
 
     # -------------------------------------------------------------------------------------------
     # tokenization
@@ -229,6 +238,32 @@ class PromptEncoder:
         hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
         return TextStates(hidden, outputs[-1].text_embeds)
 
+    def encode_key_value(self, layouts: Sequence[Sequence[PromptLayout]],
+                         pairs: Mapping[str, Sequence[Tuple[Tensor, Tensor]]]) -> Tuple[TextStates, TextStates]:
+        r"""Key states (P^K in the slots) and value states (P^V) of the same prompts, in one batch.
+
+        SeFi-IDE's K/V disentanglement: every placeholder slot holds its P^K vector for the key states
+        (``encoder_hidden_states``, reaching ``to_k``) and its P^V vector for the value states (reaching
+        only ``to_v``); both go through the frozen text encoder(s) as one batch of ``2 · P`` prompts.
+
+        Args:
+            layouts (`Sequence[Sequence[PromptLayout]]`): per prompt, the per-encoder layouts (P prompts).
+            pairs (`Mapping[str, Sequence[Tuple[Tensor, Tensor]]]`): placeholder -> one ``(P^K, P^V)``
+                per text encoder, each [P, n, d_e] (row ``b`` fills prompt ``b``) or [1, n, d_e] (the
+                same vectors for every prompt). Gradients flow back into them.
+
+        Returns:
+            ``(keys, values)``: :class:`TextStates` with ``hidden`` [P, L, D] (and SDXL ``pooled`` [P, P_d]).
+        """
+        n = len(layouts)
+
+        def fills(role: int) -> List[dict]:
+            return [{ph: [kv[role][b if kv[role].shape[0] > 1 else 0] for kv in per_encoder]
+                     for ph, per_encoder in pairs.items()} for b in range(n)]
+
+        both = self.encode(list(layouts) * 2, fills(0) + fills(1))
+        return both.rows(slice(None, n)), both.rows(slice(n, None))
+
 
 def subject_token_indices(target: PromptLayout, reference: PromptLayout) -> Tuple[List[int], List[int]]:
     r"""Token indices of the subject-wise loss: every real target token and its reference token.
@@ -259,4 +294,4 @@ def subject_token_indices(target: PromptLayout, reference: PromptLayout) -> Tupl
 
 
 __all__ = ["PromptEncoder", "PromptLayout", "Segment", "TextStates", "subject_token_indices",
-           "placeholder_pattern"]
+           "placeholder_pattern", "token_widths"]

@@ -13,11 +13,14 @@ import json
 import math
 import os
 import tempfile
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+
+from ..testing.unets import load_unet_config
+from .options import document, option
 
 #: Words that become single tokens of the tiny tokenizer (every other word still tokenizes, by
 #: characters).
@@ -28,7 +31,19 @@ TINY_WORDS = (
 
 _START, _END = "<|startoftext|>", "<|endoftext|>"
 _MAX_LENGTH = 77
-_KINDS = ("sd15", "sdxl")
+KINDS = ("sd15", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: the tiny pipelines' default resolution is 64 px: latents 8x8 with the 8x VAE
+_SAMPLE_SIZE = 8
+
+
+@document
+@dataclass
+class TinyPipelineConfig:
+    r"""The options of ``semfid-tiny-pipeline`` besides the kind and the folder."""
+
+    seed: int = option(0, "seed of the random weights")
+    prediction_type: str = option("epsilon", "scheduler prediction type", choices=PREDICTION_TYPES)
 
 
 def _byte_symbols() -> list:
@@ -112,15 +127,6 @@ def write_tiny_tokenizer(directory: Union[str, os.PathLike], words: Iterable[str
     return directory
 
 
-def _unet_twin_config(kind: str) -> dict:
-    """The structural-twin UNet config shipped with the package (``semfid/configs``)."""
-    name = f"{kind}_unet_twin.json"
-    text = resources.files("semfid").joinpath("configs", name).read_text(encoding="utf-8")
-    config = json.loads(text)
-    config["sample_size"] = 8  # 64 px default resolution with the 8x VAE
-    return config
-
-
 def _text_config(vocab_size: int, hidden: int, pad_id: int, eos_id: int, bos_id: int,
                  projection_dim: Optional[int] = None):
     from transformers import CLIPTextConfig
@@ -133,16 +139,15 @@ def _text_config(vocab_size: int, hidden: int, pad_id: int, eos_id: int, bos_id:
     )
 
 
-def build_tiny_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: int = 0,
-                        prediction_type: str = "epsilon") -> Path:
+def build_tiny_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: int = TinyPipelineConfig.seed,
+                        prediction_type: str = TinyPipelineConfig.prediction_type) -> Path:
     r"""Build and save a tiny random SD1.5 or SDXL pipeline that ``from_pretrained`` loads offline.
 
     Args:
         kind (`str`): ``"sd15"`` or ``"sdxl"``.
         directory (`str` or `os.PathLike`): output folder (a diffusers pipeline folder; created).
-        seed (`int`, *optional*, defaults to 0): seed of the random weights.
-        prediction_type (`str`, *optional*, defaults to ``"epsilon"``): scheduler prediction type
-            (``"epsilon"`` or ``"v_prediction"``).
+        seed (`int`, *optional*): seed of the random weights (see :class:`TinyPipelineConfig`).
+        prediction_type (`str`, *optional*): scheduler prediction type, one of :data:`PREDICTION_TYPES`.
 
     Returns:
         `Path`: ``directory``. SD1.5: UNet twin with ``cross_attention_dim`` 32 and one 32-wide text
@@ -150,8 +155,8 @@ def build_tiny_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: 
         ``text_embeds`` of width 32 and 6 time ids of width 8 (80 = ``projection_class_embeddings_input_dim``).
         Both at 64 px by default (latents 8x8).
     """
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler,
                            StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -167,7 +172,8 @@ def build_tiny_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: 
                 tok2_dir = write_tiny_tokenizer(Path(scratch) / "tokenizer_2", pad_token="!")
                 tokenizer_2 = CLIPTokenizer.from_pretrained(tok2_dir)
         ids = dict(vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
-        unet = UNet2DConditionModel.from_config(_unet_twin_config(kind))
+        unet_config = dict(load_unet_config(f"{kind}_unet_twin"), sample_size=_SAMPLE_SIZE)
+        unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -199,4 +205,4 @@ def build_tiny_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: 
     return directory
 
 
-__all__ = ["build_tiny_pipeline", "write_tiny_tokenizer", "TINY_WORDS"]
+__all__ = ["build_tiny_pipeline", "write_tiny_tokenizer", "TinyPipelineConfig", "TINY_WORDS", "KINDS", "PREDICTION_TYPES"]

@@ -18,179 +18,35 @@ reference keys under the same queries (:func:`semfid.subject_attention`). Only t
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import io
-from .io import SefiInputError
+from .batches import diffusion_target, random_crop
+from .checkpoints import Checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import TrainConfig
+from .errors import SefiInputError
+from .images import load_images
+from .learned import TOKENS_FILE, save_learned
+from .options import check_option_names
+from .pipeline import Components, detect_kind, load_components, model_dims
 from .text import PromptEncoder, TextStates, subject_token_indices
-from .tokens import MODES, SefiTokens, stage_of
+from .tokens import SefiTokens, stage_of
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-#: default learning rate per token-module mode (the generator's output projection moves all 2·S·n
-#: vectors at once; free vectors follow textual inversion's usual rate).
-DEFAULT_LR = {"attention": 1e-4, "direct": 5e-3}
-
-
-@dataclass
-class TrainConfig:
-    r"""Everything that defines a SeFi-IDE training run (the CLI options map onto these fields).
-
-    Args:
-        placeholder (`str`, defaults to ``"<v*>"``): the new token; must not contain whitespace or ``{}``.
-        class_word (`str`, defaults to ``"person"``): the reference prompt's subject word.
-        initializer (`str`, *optional*): word whose embedding initialises the tokens; defaults to
-            ``class_word``.
-        template (`str`, defaults to ``"a photo of the face of {}"``): training prompt; ``{}`` is the
-            placeholder (target) or the class word (reference).
-        stages (`int`, defaults to 5): S.
-        num_vectors (`int`, defaults to 1): n, token vectors per P^K / P^V.
-        mode (`str`, defaults to ``"attention"``): token module (``"attention"`` or ``"direct"``).
-        steps (`int`, defaults to 500): optimisation steps.
-        resolution (`int`, *optional*): training crop side in pixels; defaults to the UNet's native
-            size (512 for SD1.5, 1024 for SDXL).
-        batch_size (`int`, defaults to 1): crops per step (per process).
-        lr (`float`, *optional*): AdamW learning rate; defaults to :data:`DEFAULT_LR` of the mode.
-        weight_decay (`float`, defaults to 1e-2): AdamW weight decay.
-        attn_loss_weight (`float`, defaults to 0.003): λ.
-        seed (`int`, defaults to 0): seed of initialisation, crops, noise and timesteps.
-        mixed_precision (`str`, *optional*): ``"no"``, ``"fp16"`` or ``"bf16"``; defaults to
-            ``"fp16"`` on a GPU and ``"no"`` on CPU. The frozen models are stored in that half dtype.
-        gradient_checkpointing (`bool`, defaults to False): checkpoint the UNet blocks.
-        checkpoint_every (`int`, defaults to 100): save a resumable checkpoint every N steps (0: never).
-        checkpoints_total_limit (`int`, defaults to 2): checkpoints kept (oldest removed).
-        min_crop (`float`, defaults to 0.8): smallest crop side as a fraction of the short image side.
-        flip (`bool`, defaults to True): random horizontal flips.
-        variant (`str`, *optional*): weight variant of the pipeline folder (``"fp16"``).
-    """
-
-    placeholder: str = "<v*>"
-    class_word: str = "person"
-    initializer: Optional[str] = None
-    template: str = "a photo of the face of {}"
-    stages: int = 5
-    num_vectors: int = 1
-    mode: str = "attention"
-    steps: int = 500
-    resolution: Optional[int] = None
-    batch_size: int = 1
-    lr: Optional[float] = None
-    weight_decay: float = 1e-2
-    attn_loss_weight: float = 0.003
-    seed: int = 0
-    mixed_precision: Optional[str] = None
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    checkpoints_total_limit: int = 2
-    min_crop: float = 0.8
-    flip: bool = True
-    variant: Optional[str] = None
-
-    def validate(self) -> "TrainConfig":
-        """Check every field; raises :class:`SefiInputError` naming the option."""
-        if not self.placeholder or any(c.isspace() for c in self.placeholder) or "{}" in self.placeholder:
-            raise SefiInputError(f"--placeholder must be a non-empty string without spaces or '{{}}', "
-                                 f"got {self.placeholder!r}")
-        if not self.class_word.strip():
-            raise SefiInputError("--class-word must not be empty")
-        if self.initializer is not None and not self.initializer.strip():
-            raise SefiInputError("--initializer must not be empty")
-        if self.template.count("{}") != 1:
-            raise SefiInputError(f"--template must contain '{{}}' exactly once, got {self.template!r}")
-        if self.placeholder in self.template or self.placeholder in self.class_word:
-            raise SefiInputError(f"the placeholder {self.placeholder!r} already appears in the template "
-                                 "or class word")
-        for name in ("stages", "num_vectors", "steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise SefiInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.mode not in MODES:
-            raise SefiInputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SefiInputError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.lr is not None and not self.lr > 0:
-            raise SefiInputError(f"--lr must be > 0, got {self.lr}")
-        if not (self.attn_loss_weight >= 0 and math.isfinite(self.attn_loss_weight)):
-            raise SefiInputError(f"--attn-loss-weight must be >= 0, got {self.attn_loss_weight}")
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise SefiInputError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                                 f"got {self.mixed_precision!r}")
-        if self.checkpoint_every < 0 or self.checkpoints_total_limit < 1:
-            raise SefiInputError("--checkpoint-every must be >= 0 and --checkpoints-total-limit >= 1")
-        if not 0 < self.min_crop <= 1:
-            raise SefiInputError(f"--min-crop must be in (0, 1], got {self.min_crop}")
-        return self
-
-    @property
-    def learning_rate(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.mode]
-
-
-# ------------------------------------------------------------------------------------------------
-# data
-# ------------------------------------------------------------------------------------------------
-def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
-    return float(low + (high - low) * torch.rand((), generator=generator))
-
-
-def random_crop(image, resolution: int, generator: torch.Generator, min_crop: float = 0.8,
-                flip: bool = True) -> Tuple[Tensor, Tuple[int, int, int, int, int, int]]:
-    r"""A random square crop of ``image``, resized to ``resolution``, maybe flipped.
-
-    Args:
-        image (`PIL.Image.Image`): RGB image.
-        resolution (`int`): output side.
-        generator (`torch.Generator`): source of randomness (CPU).
-        min_crop (`float`): smallest crop side as a fraction of the short image side.
-        flip (`bool`): flip horizontally with probability 1/2.
-
-    Returns:
-        ``(pixels, time_ids)``: pixels [3, R, R] float32 in [-1, 1]; SDXL's micro-conditioning
-        ``(orig_h, orig_w, crop_top, crop_left, R, R)`` with the crop corner in output pixels.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    side = max(1, int(round(min(width, height) * _uniform(generator, min_crop, 1.0))))
-    top = int(torch.randint(0, height - side + 1, (), generator=generator))
-    left = int(torch.randint(0, width - side + 1, (), generator=generator))
-    crop = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    if flip and _uniform(generator) < 0.5:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    s = resolution / side
-    return pixels, (height, width, int(round(top * s)), int(round(left * s)), resolution, resolution)
-
-
-def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """What the UNet should predict: the noise (``epsilon``) or ``v`` (``v_prediction``)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise SefiInputError(f"the scheduler's prediction_type {kind!r} is not supported (epsilon, v_prediction)")
-
-
-# ------------------------------------------------------------------------------------------------
-# the trainer
-# ------------------------------------------------------------------------------------------------
 class SefiTrainer:
     r"""One SeFi-IDE training run on loaded pipeline components.
 
     Args:
-        components (:class:`~semfid.sefi.io.Components`): the frozen pipeline parts, on their device.
+        components (:class:`~semfid.sefi.pipeline.Components`): the frozen pipeline parts, on their device.
         images (`list` of `PIL.Image.Image`): subject images.
-        config (:class:`TrainConfig`): validated configuration.
+        config (:class:`~semfid.sefi.config.TrainConfig`): validated configuration.
         accelerator (`accelerate.Accelerator`, *optional*): device placement, mixed precision and
             distributed training; a plain single-process one is created when omitted.
 
@@ -200,7 +56,7 @@ class SefiTrainer:
         tokens_indices, ref_token_indices (`List[int]`): subject-loss token positions.
     """
 
-    def __init__(self, components: io.Components, images: Sequence, config: TrainConfig, accelerator=None):
+    def __init__(self, components: Components, images: Sequence, config: TrainConfig, accelerator=None):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -264,15 +120,7 @@ class SefiTrainer:
             ``(keys, values)``: :class:`TextStates` with ``hidden`` [B, 77, D] (and ``pooled``).
         """
         pairs = self.tokens(stages)  # per encoder (P^K [B, n, d], P^V [B, n, d])
-        batch = stages.numel()
-        ph = self.config.placeholder
-        key_fills = [{ph: [k[b] for k, _ in pairs]} for b in range(batch)]
-        value_fills = [{ph: [v[b] for _, v in pairs]} for b in range(batch)]
-        both = self.encoder.encode([self.layouts] * (2 * batch), key_fills + value_fills)
-        pooled = both.pooled
-        keys = TextStates(both.hidden[:batch], None if pooled is None else pooled[:batch])
-        values = TextStates(both.hidden[batch:], None if pooled is None else pooled[batch:])
-        return keys, values
+        return self.encoder.encode_key_value([self.layouts] * stages.numel(), {self.config.placeholder: pairs})
 
     def losses(self, pixels: Tensor, time_ids: Optional[Tensor] = None, timesteps: Optional[Tensor] = None,
                noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -337,7 +185,7 @@ class SefiTrainer:
     def describe(self) -> dict:
         """The JSON written beside the tokens: subject, model dims and training arguments."""
         cfg = self.config
-        dims = io.model_dims(self.components)
+        dims = model_dims(self.components)
         return dict(
             dims,
             placeholder=cfg.placeholder, class_word=cfg.class_word,
@@ -354,22 +202,16 @@ class SefiTrainer:
         module = self.token_module
         with torch.no_grad():
             pairs = [p.detach().float().cpu() for p in module.all_pairs()]
-        return io.save_learned(output, pairs, module.state_dict(), self.describe())
+        return save_learned(output, pairs, module.state_dict(), self.describe())
 
     def save_checkpoint(self, output: PathLike) -> Path:
         """Write a resumable checkpoint and prune old ones."""
-        folder = io.save_checkpoint(output, self.step_count, self.token_module.state_dict(),
-                                    self.optimizer.state_dict(), self.generator.get_state(),
-                                    _resume_key(self.config))
-        root = Path(output) / io.CHECKPOINTS_DIR
-        done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-        for old in done[: -self.config.checkpoints_total_limit]:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+        folder = save_checkpoint(output, self.step_count, self.token_module.state_dict(),
+                                 self.optimizer.state_dict(), self.generator.get_state(), _resume_key(self.config))
+        prune_checkpoints(output, self.config.checkpoints_total_limit)
         return folder
 
-    def load_checkpoint(self, checkpoint: io.Checkpoint) -> None:
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint of the same configuration."""
         want = _resume_key(self.config)
         if checkpoint.config and checkpoint.config != want:
@@ -427,7 +269,7 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
         resume (`str` or `os.PathLike`, *optional*): ``"latest"`` (the newest checkpoint in
             ``output``) or a checkpoint folder.
         progress (`bool`, *optional*, defaults to True): show a tqdm bar with both loss terms.
-        **options: fields of :class:`TrainConfig` (``steps``, ``placeholder``, ``class_word``,
+        **options: fields of :class:`~semfid.sefi.config.TrainConfig` (``steps``, ``placeholder``, ``class_word``,
             ``template``, ``stages``, ``attn_loss_weight``, ``lr``, ``seed``, ``mixed_precision``,
             ``gradient_checkpointing``, ...).
 
@@ -440,20 +282,18 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    check_option_names(options, TrainConfig, "training")
     config = TrainConfig(**options).validate()
     output = Path(output)
-    pil_images = io.load_images(images)
-    kind = io.detect_kind(model)
+    pil_images = load_images(images)
+    kind = detect_kind(model)
     checkpoint = None
     if resume is not None:
-        folder = io.latest_checkpoint(output) if str(resume) == "latest" else Path(resume)
+        folder = latest_checkpoint(output) if str(resume) == "latest" else Path(resume)
         if folder is None:
             raise SefiInputError(f"--resume: {output} holds no checkpoint")
-        checkpoint = io.load_checkpoint(folder)
-    elif (output / io.TOKENS_FILE).exists() or io.latest_checkpoint(output) is not None:
+        checkpoint = load_checkpoint(folder)
+    elif (output / TOKENS_FILE).exists() or latest_checkpoint(output) is not None:
         raise SefiInputError(f"{output} already holds a training run; pass --resume to continue it or "
                              "choose another --output")
     if output.exists() and not output.is_dir():
@@ -463,8 +303,8 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     on_gpu = accelerator.device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    components = io.load_components(model, device=accelerator.device,
-                                    dtype=dtype if on_gpu else torch.float32, variant=config.variant)
+    components = load_components(model, device=accelerator.device,
+                                 dtype=dtype if on_gpu else torch.float32, variant=config.variant)
     if components.kind != kind:
         raise RuntimeError("pipeline kind changed while loading")
     trainer = SefiTrainer(components, pil_images, config, accelerator)
@@ -494,5 +334,4 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
     return result
 
 
-__all__ = ["train", "TrainConfig", "TrainResult", "SefiTrainer", "stage_of", "random_crop",
-           "diffusion_target", "DEFAULT_LR"]
+__all__ = ["train", "TrainResult", "SefiTrainer"]

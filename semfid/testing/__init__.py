@@ -1,10 +1,13 @@
-"""What the tests, the benchmarks and ``semfid.selftest`` share to check semfid's ops.
+"""Tools for checking semfid, shared by the tests, the benchmarks and ``semfid.selftest``.
+
+Everything public here is used only by tests and benchmarks; nothing is needed to run the ops, train or
+generate (the one exception: :mod:`semfid.sefi.tiny` builds its tiny pipelines from the UNet twins).
 
 * :mod:`.reference` — float64 explicit-softmax reference of every op and flash-attention's
   tolerance rule (a backend's error at most ~2x plain PyTorch's at the same dtype, 3x for gradients).
 * :mod:`.memory` — a deterministic counter of the bytes autograd saves for backward.
-
-Not part of the training API; nothing here is needed to run the ops.
+* :mod:`.unets` — the SD1.5 / SDXL base UNet configs and their structural twins (same layer names,
+  tiny widths) in ``configs/``, and a loader that builds random-weight UNets from them.
 """
 
 from .memory import SavedBytes, saved_tensor_bytes
@@ -17,8 +20,10 @@ from .reference import (
     subject_ref,
     ulp_atol,
 )
+from .unets import UNET_CONFIGS, load_unet_config, unet_from_config
 
 __all__ = [
     "SavedBytes", "saved_tensor_bytes", "assert_close_rule", "attention_ref", "gather_maps",
-    "max_error", "probabilities", "subject_ref", "ulp_atol",
+    "max_error", "probabilities", "subject_ref", "ulp_atol", "UNET_CONFIGS", "load_unet_config",
+    "unet_from_config",
 ]

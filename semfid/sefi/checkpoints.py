@@ -1,0 +1,116 @@
+"""Resumable training checkpoints: ``OUTPUT/checkpoints/step-{step:06d}/``.
+
+Each checkpoint folder holds ``state.safetensors`` (``module.*``: the token module's state;
+``optimizer.{param}.{key}``: the optimizer's tensors; ``rng``: the training generator's state) and
+``state.json`` (the step, the optimizer's param groups and non-tensor state, and the options that
+must not change across a resume). The JSON is written last: a folder without it is incomplete and
+ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .errors import SefiInputError
+from .files import PathLike, read_json, read_tensors, strip_prefix, write_json, write_tensors
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded training checkpoint."""
+
+    step: int
+    module_state: Dict[str, torch.Tensor]
+    optimizer_state: dict
+    generator_state: torch.Tensor
+    config: dict
+
+
+def _flatten_optimizer(state: dict) -> tuple:
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            name = f"optimizer.{index}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
+    state: Dict[int, Dict[str, Any]] = {}
+    entries = [(k, v) for k, v in tensors.items() if k.startswith("optimizer.")]
+    entries += list(meta.get("scalars", {}).items())
+    for name, value in entries:
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: PathLike, step: int, module_state: Dict[str, torch.Tensor],
+                    optimizer_state: dict, generator_state: torch.Tensor, config: dict) -> Path:
+    r"""Write ``directory/checkpoints/step-{step:06d}/`` (safetensors + JSON) for resuming.
+
+    Args:
+        directory (`str` or `os.PathLike`): the training output folder.
+        step (`int`): optimisation steps done.
+        module_state (`Dict[str, Tensor]`): token module ``state_dict()``.
+        optimizer_state (`dict`): ``optimizer.state_dict()`` (tensors go to safetensors, the rest JSON).
+        generator_state (`Tensor`): the training RNG's ``get_state()`` (uint8).
+        config (`dict`): training configuration (checked on resume).
+
+    Returns:
+        `Path`: the checkpoint folder.
+    """
+    folder = Path(directory) / CHECKPOINTS_DIR / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    tensors = {f"module.{k}": v for k, v in module_state.items()}
+    tensors.update(opt_tensors)
+    tensors["rng"] = generator_state
+    write_tensors(folder / "state.safetensors", tensors)
+    # the JSON goes last: a checkpoint without it is incomplete and ignored
+    write_json(folder / "state.json", {"step": step, "optimizer": opt_meta, "config": config})
+    return folder
+
+
+def complete_checkpoints(directory: PathLike) -> List[Path]:
+    """The complete checkpoint folders under ``directory/checkpoints``, fewest steps first."""
+    root = Path(directory) / CHECKPOINTS_DIR
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
+
+
+def latest_checkpoint(directory: PathLike) -> Optional[Path]:
+    """The complete checkpoint with the most steps under ``directory/checkpoints``, or None."""
+    found = complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints under ``directory/checkpoints``."""
+    for old in complete_checkpoints(directory)[:-keep]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def load_checkpoint(folder: PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
+        raise SefiInputError(f"{folder} is not a complete semfid-train checkpoint")
+    meta = read_json(folder / "state.json")
+    tensors = read_tensors(folder / "state.safetensors")
+    return Checkpoint(int(meta["step"]), strip_prefix(tensors, "module."),
+                      _unflatten_optimizer(tensors, meta["optimizer"]), tensors["rng"], meta.get("config", {}))
+
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
+           "prune_checkpoints", "CHECKPOINTS_DIR"]
