@@ -117,3 +117,20 @@ def test_bad_input(tok):
         align_tokens(tok, ["a sks"], "sks", None, which="subject")
     with pytest.raises(TypeError, match="prompts must be"):
         align_tokens(tok, [], "sks", "dog")
+
+
+def test_decoded_prompts_and_prior_preservation_rows(tok, tmp_path):
+    """Textual inversion recovers prompts with batch_decode (an added token glues to the next word);
+    DreamBooth's prior-preservation class rows have no identifier and align with themselves."""
+    ti = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path))
+    ti.add_tokens(["<cat-toy>"])
+    ids_ = ti(["a photo of a <cat-toy>", "a <cat-toy> sitting on a red chair"], padding="max_length",
+              max_length=77, return_tensors="pt").input_ids
+    decoded = ti.batch_decode(ids_, skip_special_tokens=True)
+    al = align_tokens(ti, decoded, "<cat-toy>", "cat")
+    assert al.ref_prompts == ("a photo of a cat", "a cat sitting on a red chair")
+    for row, t in zip(ids_.tolist(), al.tokens):
+        assert list(t) == list(range(len(t))) and row[t[-1]] == ti.eos_token_id  # start ... end of text
+    check_pairs(ti, al, "<cat-toy>", "cat")
+    mixed = align_tokens(tok, ["a photo of sks dog", "a photo of dog"], "sks", None, allow_missing=True)
+    assert mixed.ref_prompts[1] == "a photo of dog" and mixed.tokens[1] == mixed.ref_tokens[1] == (0, 1, 2, 3, 4, 5)

@@ -63,14 +63,16 @@ def _pair(ph: Sequence[int], cls: Sequence[int]) -> List[Tuple[int, int]]:
 
 
 def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[str], which: str,
-               limit: int, row: int):
+               limit: int, row: int, allow_missing: bool):
     """(ref_prompt, tokens, ref_tokens, labels) of one prompt under one tokenizer."""
     parts = prompt.split(placeholder)
-    if len(parts) < 2:
-        raise ValueError(f"prompts[{row}] does not contain the placeholder {placeholder!r}: {prompt!r}")
+    if len(parts) < 2 and not allow_missing:
+        raise ValueError(f"prompts[{row}] does not contain the placeholder {placeholder!r}: {prompt!r} "
+                         "(allow_missing=True aligns such rows with themselves)")
     ph = _pieces(tokenizer, placeholder)
     cls = _pieces(tokenizer, class_word) if class_word else []
-    ref_prompt = " ".join((class_word if class_word else "").join(parts).split())
+    # spaces around the class word: decoded prompts may glue an added token to the next word
+    ref_prompt = " ".join(f" {class_word} ".join(parts).split()) if class_word else " ".join(" ".join(parts).split())
     seg = [_pieces(tokenizer, p) for p in parts]
     target_ids = [i for j, s in enumerate(seg) for i in (s + (ph if j < len(seg) - 1 else []))]
     ref_ids = [i for j, s in enumerate(seg) for i in (s + (cls if j < len(seg) - 1 else []))]
@@ -106,7 +108,7 @@ def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[st
 
 def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: str,
                  class_word: Optional[str], *, which: str = "all",
-                 max_length: Optional[int] = None) -> AlignedTokens:
+                 max_length: Optional[int] = None, allow_missing: bool = False) -> AlignedTokens:
     r"""Reference prompts and aligned ``tokens`` / ``ref_tokens`` for a batch of target prompts.
 
     Args:
@@ -123,6 +125,9 @@ def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: st
             only the placeholder / class-word pairs.
         max_length (`int`, *optional*): defaults to the tokenizer's ``model_max_length`` (77);
             tokens cut off by truncation are left out, end-of-text is paired where it ends up.
+        allow_missing (`bool`, *optional*, defaults to False): a prompt without the placeholder
+            (a DreamBooth prior-preservation class prompt) becomes its own reference, every token
+            paired with itself, so its loss is 0 (``which="all"``).
 
     Returns:
         :class:`AlignedTokens`
@@ -147,7 +152,8 @@ def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: st
     results = []
     for tok in toks:
         limit = max_length or int(tok.model_max_length)
-        rows = [_align_one(tok, p, placeholder, class_word, which, limit, i) for i, p in enumerate(prompts)]
+        rows = [_align_one(tok, p, placeholder, class_word, which, limit, i, allow_missing)
+                for i, p in enumerate(prompts)]
         results.append(rows)
     first = [(r[1], r[2]) for r in results[0]]
     for k, rows in enumerate(results[1:], start=1):
