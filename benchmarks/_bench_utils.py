@@ -207,6 +207,26 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> Optional[
 
 
 # ------------------------------------------------------------------------------------------------
+# Errors, load and environment header
+# ------------------------------------------------------------------------------------------------
+def short_error(exc: BaseException) -> str:
+    """One line for a report. semfid's dispatcher errors keep their per-backend reasons only
+    (their second line is a long summary of the inputs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if "cannot run them:" in line]
+    text = "; ".join(reasons) if reasons else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages now, for printing beside CPU timings."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unavailable"
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min, {os.cpu_count()} cores)"
+
+
+# ------------------------------------------------------------------------------------------------
 # Environment header and progress
 # ------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:

@@ -14,6 +14,9 @@ implementation provides up to three functions on [B, H, N, D] inputs (any stride
 
 ``tokens`` is an int64 tensor [S] of key indices shared by the batch. A function left as None is a
 mode the implementation cannot do (e.g. ``sdpa_lse`` has no backward through its lse).
+
+An implementation that compiles (``torch.compile``) declares a compile budget: the seconds its first
+calls (one compilation per new shape) may take over one benchmark run before it stops being timed.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ class Implementation:
     unavailable: Callable[[torch.device, torch.dtype], Optional[str]] = field(
         default=lambda device, dtype: None
     )
+    #: Seconds of first calls (compilation, one per new shape) allowed over one run; None for an
+    #: implementation that does not compile (its first call is a plain warm-up).
+    compile_budget_s: Optional[float] = None
+
+    @property
+    def compiles(self) -> bool:
+        """True when the first call of each new shape compiles (minutes on a small CPU)."""
+        return self.compile_budget_s is not None
 
     def function(self, mode: str) -> Optional[Callable]:
         return {"forward": self.forward, "forward_maps": self.forward_maps,
@@ -243,17 +254,69 @@ def _raise_recompile_limit(limit: int = 256) -> None:
 
 
 _COMPILED: Dict[str, Callable] = {}
+COMPILE_BUDGET_S = 180.0  # default allowance of a torch.compile baseline per run
 
 
 def _compiled(fn: Callable) -> Callable:
-    def run(*args):
+    """``torch.compile(fn, dynamic=False)``, compiled on first use (importing costs nothing)."""
+    def run(*args, **kwargs):
         if fn.__name__ not in _COMPILED:
             _raise_recompile_limit()
             _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-        return _COMPILED[fn.__name__](*args)
+        return _COMPILED[fn.__name__](*args, **kwargs)
 
     run.__name__ = f"compiled_{fn.__name__}"
     return run
+
+
+# ------------------------------------------------------------------------------------------------
+# flex_attention: torch's FlexAttention compiled, with its (differentiable) logsumexp; maps
+# recomputed as exp(q k_selᵀ·s − lse), loss by autograd (DESIGN.md §8). The strongest composable
+# peer a PyTorch user would write. On CPU, torch compiles it for inference only and without
+# return_lse: those modes fail with NotImplementedError and are reported, not timed.
+# ------------------------------------------------------------------------------------------------
+def _flex_attention(q, k, v, scale, return_lse=False):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, scale=scale, return_lse=return_lse)
+
+
+def _flex(q, k, v, scale, return_lse=False):
+    """The compiled flex_attention; under no_grad on inputs detached, as inference code has them
+    (flex checks ``requires_grad``, not the grad mode, before refusing a CPU backward)."""
+    if not torch.is_grad_enabled():
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _flex_compiled(q, k, v, scale, return_lse)
+
+
+_flex_compiled = _compiled(_flex_attention)
+
+
+def flex_forward(q, k, v, scale):
+    return _flex(q, k, v, scale)
+
+
+def flex_forward_maps(q, k, v, tokens, scale):
+    out, lse = _flex(q, k, v, scale, True)
+    return out, _lse_maps(q, k, lse, tokens, scale)
+
+
+def flex_subject(q, k, v, k_ref, tokens, scale):
+    out, lse = _flex(q, k, v, scale, True)
+    maps_t = _lse_maps(q, k, lse, tokens, scale)  # differentiable through q, k and lse
+    with torch.no_grad():
+        # only lse_ref is needed: k_ref stands in for the values (same shape, output unused)
+        _, lse_ref = _flex(q, k_ref, k_ref, scale, True)
+        maps_r = _lse_maps(q, k_ref, lse_ref, tokens, scale)
+    return out, subject_loss(maps_t, maps_r)
+
+
+def _flex_unavailable(device, dtype):
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return "this torch has no torch.nn.attention.flex_attention"
+    return None
 
 
 def _compile_unavailable(device, dtype):
@@ -289,7 +352,12 @@ BASELINES: Dict[str, Implementation] = {
         Implementation(
             "eager_compiled", _compiled(eager_forward), _compiled(eager_forward_maps),
             _compiled(eager_subject), "torch.compile(eager), static shapes",
-            unavailable=_compile_unavailable,
+            unavailable=_compile_unavailable, compile_budget_s=COMPILE_BUDGET_S,
+        ),
+        Implementation(
+            "flex_attention", flex_forward, flex_forward_maps, flex_subject,
+            "torch.compile(flex_attention, return_lse=True), maps exp(q·k_selᵀ·s − lse), autograd",
+            unavailable=_flex_unavailable, compile_budget_s=COMPILE_BUDGET_S,
         ),
         Implementation(
             "sdpa_floor", None, None, sdpa_floor_subject,

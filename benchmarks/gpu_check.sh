@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# One-shot GPU check of semfid, < 8 minutes on an H100. Run from anywhere inside a copy of the repo:
+# The one script a GPU session runs: < 8 minutes on an H100/H200. From anywhere inside a copy of the repo:
 #
-#     bash benchmarks/gpu_check.sh            # logs, JSON and PNGs go to $OUT (else ./gpu_check_out)
+#     bash benchmarks/gpu_check.sh             # logs, JSON, PNG and the verdict go to $OUT (else ./gpu_check_out)
+#     bash benchmarks/gpu_check.sh --dry-run   # CPU: every step reports; what needs CUDA is skipped, saying so
 #
-# Steps, each bounded by `timeout` and run even when an earlier one failed:
-#   1. environment (nvidia-smi, versions)
-#   2. pip install --no-build-isolation --no-deps -e . with the CUDA extension built for this GPU's
-#      arch (SEMFID_BUILD_CUDA=1, SEMFID_CUDA_ARCHS=<detected>); if that fails, a pure-Python install
-#   3. python -m semfid.info, then pytest -m gpu
-#   4. copy bandwidth (the roofline attn_speed reports against)
-#   5. benchmarks/attn_speed.py: every SD1.5/SDXL cross-attention shape, batch 2 and 8, fp16
-#   6. benchmarks/train_step.py (needs diffusers: wheels in $SEMFID_WHEELS, benchmarks/wheels/ or
-#      .whl/ are installed with --no-index first; without them the step is skipped, saying so).
-#      The GPU image lacks only diffusers and importlib_metadata; fetch them where pip has network:
-#        python3 -m pip download --no-deps -d benchmarks/wheels diffusers==0.42.1 importlib_metadata
-#   7. a short summary table (also $OUT/summary.txt)
+# Without a CUDA GPU the dry mode is chosen by itself. Steps, in this order (a short window catches the
+# most), each bounded by `timeout` and run even when an earlier one failed:
+#   1. env            nvidia-smi, nvcc, a C compiler (Triton's launcher), compute-sanitizer, versions
+#   2. selftest       python -m semfid.selftest --backend triton|sdpa --ship $OUT/verdicts/ (cuda after step 5)
+#   3. pytest_gpu     pytest -m gpu
+#   4. library_cuda   opcheck + torch.compile with diffusers' transposed views, on CUDA
+#   5. cuda_build     the CUDA extension for the detected arch (setup.py build_ext --inplace)
+#      cuda_tests     its tests, and the op suites against backend=cuda
+#   6. memcheck, racecheck   compute-sanitizer on benchmarks/sanitizer_case.py (N=130, M=77, every head dim)
+#   7. attn_speed     the timing table (every SD1.5/SDXL cross-attention shape, batch 2 and 8, fp16)
+#   8. train_step     only where diffusers is importable (not in the GPU image)
+#   9. summary        $OUT/summary.txt, and the verdict file to commit
 #
-# GPU_CHECK_SKIP_INSTALL=1 skips step 2 (semfid already installed); GPU_CHECK_BUDGET_S changes the
-# total time budget (default 465 s).
-#
-# Written for the GPU image: Python 3.12, torch 2.11, triton 3.6, no network, no diffusers.
-# Files in $OUT (8 at most come back from a device run): gpu_check.log, attn_speed.json,
-# attn_speed.png, train_step.json, summary.txt.
+# GPU image: Python 3.12, torch 2.11 (cu130), triton 3.6, no diffusers, no network: nothing here
+# installs or downloads. GPU_CHECK_BUDGET_S changes the total time budget (default 465 s).
+# Files in $OUT (8 at most come back from a device run): gpu_check.log, summary.txt, attn_speed.json,
+# attn_speed.png, verdicts/*.json, train_step.json.
 
 set -u -o pipefail
+DRY=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY="requested (--dry-run)" ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$PWD"
 OUT_DIR="${OUT:-$REPO/gpu_check_out}"
@@ -31,10 +38,17 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 PY="${PYTHON:-python3}"
+# The checkout's semfid, whatever is installed (benchmarks/*.py put benchmarks/ first on sys.path).
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"  # leave headroom under 8 minutes
+TOTAL_BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"  # headroom under 8 minutes
 T0=$(date +%s)
 STATUS=()
+VERDICTS="$OUT_DIR/verdicts"  # the self-tests' --ship output: <backend>-<gpu>.json each
+
+if [[ -z "$DRY" ]] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    DRY="no CUDA GPU visible to torch"
+fi
 
 say() { echo "$*" | tee -a "$LOG"; }
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -62,97 +76,133 @@ run_step() {
     return $rc
 }
 
-# ---- 1. environment --------------------------------------------------------------------------
-run_step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
-    command -v nvcc && nvcc --version | tail -n 2; \
-    $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda)'; \
-    $PY -c 'import triton; print(\"triton\", triton.__version__)'"
+# skip_step NAME WHY [CMD...]: records a step that did not run, and what it would have run.
+skip_step() {
+    local name="$1" why="$2"; shift 2
+    STATUS+=("$name: skipped ($why)")
+    say ""
+    say "=== $name: skipped ($why)${*:+; would run: $*}"
+}
 
-ARCH=$($PY -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}{m}")' 2>/dev/null || echo "")
+# cuda_step NAME LIMIT_S CMD...: run_step on a GPU, skip_step in the dry mode.
+cuda_step() {
+    local name="$1" limit="$2"; shift 2
+    if [[ -n "$DRY" ]]; then skip_step "$name" "dry run: needs CUDA" "$@"; return 0; fi
+    run_step "$name" "$limit" "$@"
+}
+
+say "semfid gpu_check: $(date -u '+%Y-%m-%d %H:%M UTC'), mode: ${DRY:+dry run, }${DRY:-GPU}"
+
+# semfid.kernels is kernels/ (a symlink in a checkout, package_dir when installed); a copied working
+# tree may lack the link, which is ignored by git.
+if [[ ! -e semfid/kernels ]]; then
+    ln -s ../kernels semfid/kernels && say "note: created the semfid/kernels -> ../kernels link"
+fi
+
+# ---- 1. environment -----------------------------------------------------------------------------
+env_report() {
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,compute_cap --format=csv
+    else echo "nvidia-smi: not found"; fi
+    if command -v nvcc >/dev/null; then echo "nvcc: $(nvcc --version | tail -n 1)"; else echo "nvcc: not found"; fi
+    local cc=""
+    for c in "${CC:-}" cc gcc clang; do
+        if [[ -n "$c" ]] && command -v "$c" >/dev/null; then cc="$c"; break; fi
+    done
+    echo "C compiler (Triton's launcher): ${cc:-NOT FOUND (Triton cannot build its launcher)}"
+    if command -v compute-sanitizer >/dev/null; then echo "compute-sanitizer: $(command -v compute-sanitizer)"
+    else echo "compute-sanitizer: not found"; fi
+    echo "load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown), $(nproc) cores"
+    $PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "cuda available", torch.cuda.is_available())'
+    $PY -c 'import triton; print("triton", triton.__version__)' 2>/dev/null || echo "triton: not importable"
+    $PY -c 'import semfid; print("semfid", semfid.__version__, "from", semfid.__file__, "backends", semfid.available_backends())'
+    [[ -n "$cc" ]]
+}
+export -f env_report
+export PY
+run_step env 30 bash -c env_report
+
+ARCH=""
+[[ -z "$DRY" ]] && ARCH=$($PY -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}{m}")' 2>/dev/null || echo "")
 say "detected compute capability: ${ARCH:-none}"
 
-# ---- 2. install (CUDA extension for this arch; pure Python as the fallback) ------------------
-if [[ -n "${GPU_CHECK_SKIP_INSTALL:-}" ]]; then
-    say "GPU_CHECK_SKIP_INSTALL is set: using the semfid already importable"
-elif [[ -n "$ARCH" ]]; then
-    run_step install_cuda 240 env SEMFID_BUILD_CUDA=1 SEMFID_CUDA_ARCHS="$ARCH" \
-        MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-        $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
-        || run_step install_python 90 env SEMFID_BUILD_CUDA=0 \
-            $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+# ---- 2. self-test of the Triton kernels on this GPU ------------------------------------------------
+if $PY -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("semfid.selftest") else 1)' 2>/dev/null; then
+    mkdir -p "$VERDICTS"
+    cuda_step selftest 90 $PY -m semfid.selftest --backend triton --ship "$VERDICTS"
+    cuda_step selftest_sdpa 60 $PY -m semfid.selftest --backend sdpa --quick --ship "$VERDICTS"
 else
-    say "no CUDA device visible: installing without the extension"
-    run_step install_python 90 env SEMFID_BUILD_CUDA=0 \
-        $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+    STATUS+=("selftest: missing (semfid.selftest is not in this checkout)")
+    say ""; say "=== selftest: missing (no semfid.selftest module in this checkout)"
 fi
 
-# ---- 3. what is usable, then the GPU tests ---------------------------------------------------
-run_step semfid_info 30 $PY -m semfid.info
-run_step pytest_gpu 100 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors tests
+# ---- 3. the GPU tests -----------------------------------------------------------------------------
+PYTEST=($PY -m pytest -q -rs -p no:cacheprovider)
+cuda_step pytest_gpu 100 "${PYTEST[@]}" -m gpu --continue-on-collection-errors tests
 
-# ---- 4. copy bandwidth -----------------------------------------------------------------------
-run_step bandwidth 30 $PY -c "
-import sys, torch; sys.path.insert(0, 'benchmarks')
-from _bench_utils import copy_bandwidth_gbs
-print(f'device-to-device copy: {copy_bandwidth_gbs(torch.device(\"cuda\")):.0f} GB/s (read + write)')"
+# ---- 4. opcheck + torch.compile (inductor, fullgraph) with transposed views, on CUDA ----------------
+cuda_step library_cuda 60 env SEMFID_TEST_DEVICE=cuda "${PYTEST[@]}" tests/test_library.py -k "opcheck or compile"
 
-# ---- 5. attention benchmark ------------------------------------------------------------------
-run_step attn_speed 170 $PY benchmarks/attn_speed.py --device cuda --dtype float16 \
-    --rep-ms 40 --compile-budget-s 60 --no-progress \
-    --json "$OUT_DIR/attn_speed.json" --plot "$OUT_DIR/attn_speed.png"
-
-# ---- 6. whole training step (needs diffusers) --------------------------------------------------
-WHEELS=""
-for d in "${SEMFID_WHEELS:-}" benchmarks/wheels .whl; do
-    if [[ -n "$d" ]] && compgen -G "$d/*.whl" >/dev/null; then WHEELS="$d"; break; fi
-done
-if [[ -n "$WHEELS" ]]; then
-    run_step wheels 60 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/semfid_site \
-        "$WHEELS"/*.whl && export PYTHONPATH="/tmp/semfid_site${PYTHONPATH:+:$PYTHONPATH}"
+# ---- 5. the CUDA extension for this arch, and its tests ---------------------------------------------
+if cuda_step cuda_build 150 env SEMFID_BUILD_CUDA=1 SEMFID_CUDA_ARCHS="${ARCH:-90}" \
+        MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py -q build_ext --inplace; then
+    cuda_step selftest_cuda 60 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+        $PY -m semfid.selftest --backend cuda --ship "$VERDICTS"
+    cuda_step cuda_tests 90 bash -c "SEMFID_TEST_DEVICE=cuda ${PYTEST[*]} tests/test_cuda_ext.py && \
+        SEMFID_TEST_DEVICE=cuda SEMFID_TEST_BACKENDS=cuda ${PYTEST[*]} -x tests/test_library.py tests/test_ops_reference.py"
+else
+    skip_step cuda_tests "the CUDA build failed"
 fi
-if $PY -c 'import diffusers' >/dev/null 2>&1; then
-    run_step train_step 150 $PY benchmarks/train_step.py --device cuda --size full --dtype bfloat16 \
+
+# ---- 6. compute-sanitizer on one forward + backward per head dim -------------------------------------
+CASE=($PY benchmarks/sanitizer_case.py)
+if [[ -n "$DRY" ]]; then
+    run_step sanitizer_driver 40 "${CASE[@]}" --device cpu --backend torch
+    skip_step memcheck "dry run: needs CUDA" compute-sanitizer --tool memcheck "${CASE[@]}"
+    skip_step racecheck "dry run: needs CUDA" compute-sanitizer --tool racecheck "${CASE[@]}"
+elif command -v compute-sanitizer >/dev/null; then
+    run_step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 "${CASE[@]}"
+    run_step racecheck 75 compute-sanitizer --tool racecheck --error-exitcode 1 "${CASE[@]}"
+else
+    skip_step memcheck "compute-sanitizer not found"; skip_step racecheck "compute-sanitizer not found"
+fi
+
+# ---- 7. the timing table ------------------------------------------------------------------------------
+if [[ -n "$DRY" ]]; then  # the plumbing only: one tiny CPU case, no timing worth reading
+    run_step attn_speed 60 $PY benchmarks/attn_speed.py --quick --cases sd15_8 --batch 1 --modes forward \
+        --impl eager --budget-s 0 --no-progress --json "$OUT_DIR/attn_speed.json"
+else
+    run_step attn_speed 150 $PY benchmarks/attn_speed.py --device cuda --dtype float16 \
+        --rep-ms 40 --compile-budget-s 30 --no-progress \
+        --json "$OUT_DIR/attn_speed.json" --plot "$OUT_DIR/attn_speed.png"
+fi
+
+# ---- 8. a whole training step (needs diffusers, absent from the GPU image) ------------------------------
+if [[ -n "$DRY" ]]; then
+    skip_step train_step "dry run: needs CUDA" $PY benchmarks/train_step.py --device cuda --size full
+elif $PY -c 'import diffusers' >/dev/null 2>&1; then
+    run_step train_step 120 $PY benchmarks/train_step.py --device cuda --size full --dtype bfloat16 \
         --batch 2 --steps 4 --warmup 1 --json "$OUT_DIR/train_step.json"
 else
-    STATUS+=("train_step: skipped (diffusers is not installed here and no wheel was provided in \
-\$SEMFID_WHEELS, benchmarks/wheels/ or .whl/)")
-    say "=== train_step skipped: no diffusers (put diffusers + importlib_metadata wheels in benchmarks/wheels/)"
+    skip_step train_step "diffusers is not installed here"
 fi
 
-# ---- 7. summary --------------------------------------------------------------------------------
+# ---- 9. summary and the verdict file ------------------------------------------------------------------
 {
     echo ""
-    echo "=== gpu_check summary ($(elapsed)s total) ==="
+    echo "=== gpu_check summary ($(elapsed)s total, mode: ${DRY:+dry run, }${DRY:-GPU}) ==="
     for s in "${STATUS[@]}"; do echo "  $s"; done
-    $PY - "$OUT_DIR" <<'EOF'
-import json, os, sys
-out = sys.argv[1]
-path = os.path.join(out, "attn_speed.json")
-if os.path.exists(path):
-    recs = json.load(open(path))
-    idx = {(r["case"], r["batch"], r["mode"], r["impl"]): r for r in recs}
-    print("\nattn_speed, subject_fwd_bwd, ms (semfid speedup over the baseline):")
-    others = [i for i in ("eager", "sdpa_augmented_v", "xformers", "eager_compiled", "sdpa_floor")
-              if any(k[3] == i for k in idx)]
-    print(f"  {'case':8} {'B':>2} {'semfid':>9} {'GB/s (%copy)':>13} " + " ".join(f"{o:>22}" for o in others))
-    for (case, batch, mode, impl), r in sorted(idx.items()):
-        if mode != "subject_fwd_bwd" or impl != "semfid":
-            continue
-        cells = []
-        for o in others:
-            t = idx.get((case, batch, mode, o))
-            cells.append("-" if t is None else f"{t['ms_median']:.3f} ({t['ms_median'] / r['ms_median']:.2f}x)")
-        bw = "-" if r.get("gbps") is None else f"{r['gbps']:.0f} ({r.get('pct_copy_bandwidth') or 0:.0f}%)"
-        print(f"  {case:8} {batch:>2} {r['ms_median']:>9.3f} {bw:>13} " + " ".join(f"{c:>22}" for c in cells))
-path = os.path.join(out, "train_step.json")
-if os.path.exists(path):
-    print("\ntrain_step (ms per step, loss cost over the no-loss floor):")
-    for r in json.load(open(path)):
-        over = r.get("overhead_vs_floor_pct")
-        print(f"  {r['model']:5} {r['res']:>5}px B={r['batch']} {r['variant']:9} {r['ms_median']:9.1f} ms  "
-              f"peak {r.get('peak_mib') or 0:8.0f} MiB  " + ("" if over is None or r["variant"] == "floor" else f"{over:+.1f}%"))
-EOF
+    $PY benchmarks/gpu_check_summary.py "$OUT_DIR"
+    if compgen -G "$VERDICTS/*.json" >/dev/null; then
+        echo ""
+        echo "verdict files to commit into semfid/verdicts/ (the self-tests' --ship output):"
+        for f in "$VERDICTS"/*.json; do echo "--- $f"; cat "$f"; echo ""; done
+    else
+        echo ""
+        echo "verdict file: none written (${DRY:+dry run; }the self-test did not run or did not pass)"
+    fi
 } 2>&1 | tee "$OUT_DIR/summary.txt" | tee -a "$LOG"
 
+[[ -n "$DRY" ]] && echo "dry run: nothing that needs CUDA ran" | tee -a "$LOG"
 for s in "${STATUS[@]}"; do [[ "$s" == *FAILED* || "$s" == *"TIMED OUT"* ]] && exit 1; done
 exit 0

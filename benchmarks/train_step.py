@@ -35,7 +35,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from _bench_utils import (  # noqa: E402
-    MIB, _summarize, environment, format_environment,
+    MIB, _summarize, environment, format_environment, load_average,
 )
 from baselines import eager_head_mean_maps, eager_probabilities, subject_loss  # noqa: E402
 
@@ -383,6 +383,8 @@ def main(argv=None) -> int:
                           args.variants)
     print()
     print(format_rows(rows))
+    print(f"medians of {args.steps} interleaved steps per variant; {load_average()} at the end "
+          f"(load average {env['load_avg_1m']} at the start)")
     machine = env.get("gpu") or f"CPU: {env['cpu']} ({env['cpu_count']} cores)"
     if device.type == "cuda" and size == "full":
         for r in rows:
@@ -393,7 +395,8 @@ def main(argv=None) -> int:
     if args.json:
         for r in rows:
             r.update(machine=machine, date_utc=env["date_utc"], torch=env["torch"],
-                     load_avg_1m=env["load_avg_1m"])
+                     load_avg_1m=env["load_avg_1m"],
+                     load_avg_1m_end=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
         print(f"wrote {args.json}")

@@ -100,7 +100,7 @@ def paths() -> List[str]:
     lines = [f"backend='auto' picks, for the probes ({ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}):"]
     for dev in ("cpu", "cuda"):
         if dev == "cuda" and not torch.cuda.is_available():
-            lines.append("  cuda: no GPU visible")
+            lines.append("  cuda: no GPU visible here; " + _cuda_path_without_gpu())
             continue
         for op, inp in _probes(dev).items():
             try:
@@ -108,6 +108,21 @@ def paths() -> List[str]:
             except ValueError as exc:
                 lines.append(f"  {op} on {dev}: none ({str(exc).splitlines()[0]})")
     return lines
+
+
+def _cuda_path_without_gpu() -> str:
+    """What ``auto`` would do on a CUDA tensor, from the registry alone (no device to ask)."""
+    ordered = registered_backends()
+    validated = [b.NAME for b in ordered if "cuda" in b.AUTO_DEVICES and b.unavailable_reason() is None]
+    first = validated[0] if validated else "none"
+    gated = [b.NAME for b in ordered if b.SELF_VALIDATED and b.unavailable_reason() is None
+             and (not validated or b.PRIORITY < next(x.PRIORITY for x in ordered if x.NAME == first))]
+    text = f"on a CUDA tensor auto takes {first!r} (validated on cuda by construction)"
+    if gated:
+        text += (f" unless {' / '.join(map(repr, gated))} passed semfid's self-test on that GPU "
+                 f"(run once by itself on the first CUDA call unless SEMFID_SELFTEST=off, or "
+                 f"`python -m semfid.selftest`; shipped verdicts count too)")
+    return text
 
 
 def report() -> str:

@@ -117,3 +117,14 @@ def test_backward_runs_on_the_forward_backend(fake_backend):
         warnings.simplefilter("error")
         out.sum().backward()
     assert fake_backend.calls == 1 and q.grad is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes the no-GPU case")
+def test_info_says_which_path_a_cuda_tensor_takes_without_a_gpu():
+    from semfid import info
+
+    line = [l for l in info.paths() if l.strip().startswith("cuda:")][0]
+    assert "auto takes 'sdpa'" in line
+    gated = [b.NAME for b in registered_backends() if b.SELF_VALIDATED and b.unavailable_reason() is None]
+    for name in gated:
+        assert repr(name) in line and "self-test" in line

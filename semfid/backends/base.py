@@ -105,6 +105,14 @@ def empty_forward_outputs(
     return empty_output(q, v), empty_lse(q), maps
 
 
+def nan_rows(q: Tensor, k: Tensor) -> Tensor:
+    """[B, H, N, 1] bool: rows whose logits are NaN (a NaN in the query row or in any key).
+
+    PyTorch's fused CPU attention kernel returns 0 for such rows; the contract propagates NaN
+    (silent zeros would hide a diverging run), so paths through that kernel mark them."""
+    return torch.isnan(q).any(dim=-1, keepdim=True) | torch.isnan(k).any(dim=-1).any(dim=-1)[..., None, None]
+
+
 def keeps_lse_ref(mean_heads: bool, detach_reference: bool) -> bool:
     """Whether ``subject_forward`` writes lse_ref: backward recomputes P_r only when gradients
     flow through the reference, or when per-head maps need A_r per head again."""

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._inputs import accumulation_dtype
+from .base import nan_rows
 
 Tensor = torch.Tensor
 
@@ -135,6 +136,10 @@ def attend(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
     +inf on rows whose keys are all -inf). Differentiable w.r.t. q, k and vv.
     """
     width = vv.shape[-1]
+    if q.numel() == 0:  # no query rows: PyTorch's fused CPU kernel divides by zero there (SIGFPE)
+        B, H, N, _ = q.shape
+        return (q.new_zeros(B, H, N, width) + vv.sum() * 0,  # still a function of vv for autograd
+                q.new_zeros(B, H, N, dtype=accumulation_dtype(q.dtype)))
     wq, wv = _padded_widths(q.device.type, q.shape[-1], width)
     mask, keep = _mask(bias, q.dtype)
     out, lse = _fused_with_lse(_pad_last(q, wq), _pad_last(k, wq), _pad_last(vv, wv), mask, scale)
@@ -142,6 +147,10 @@ def attend(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
     if keep is not None:
         out = out * keep
         lse = lse.masked_fill(keep[..., 0] == 0, float("inf"))
+    if q.device.type == "cpu":  # the fused CPU kernel zeroes NaN rows: keep them NaN
+        bad = nan_rows(q, k)
+        out = out.masked_fill(bad, float("nan"))
+        lse = lse.masked_fill(bad[..., 0], float("nan"))
     return out, lse
 
 

@@ -36,6 +36,7 @@ from .base import (
     empty_subject_grads,
     empty_subject_outputs,
     keeps_lse_ref,
+    nan_rows,
     nothing,
 )
 
@@ -434,6 +435,9 @@ def _fused_cpu_forward(inp: XattnInputs) -> ForwardResult:
         q, inp.k, inp.v, attn_mask=mask, scale=inp.scale)[:2]
     if bias is not None:
         lse = lse.masked_fill(_dead_rows(bias), float("inf"))
+    bad = nan_rows(q, inp.k)  # the kernel zeroes NaN rows; the contract propagates NaN
+    out = out.masked_fill(bad, float("nan"))
+    lse = lse.masked_fill(bad[..., 0], float("nan"))
     layout = empty_output(q, inp.v)
     if out.stride() != layout.stride():
         out = layout.copy_(out)
