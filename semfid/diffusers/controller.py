@@ -2,16 +2,21 @@
 
 Usage::
 
-    from semfid.diffusers import install
+    from semfid.diffusers import align_tokens, install
 
     ctl = install(unet)                                    # every attn2 layer; layers=... filters
     with ctl.capture(tokens=[5, 6]) as rec:                # maps during generation
         unet(latents, t, encoder_hidden_states=ehs)
     heat = rec.aggregate(res=16)                           # [B, S, 16, 16]
 
-    with ctl.subject_loss(ref_states, tokens=[5]) as rec:  # training
+    aligned = align_tokens(tokenizer, prompts, "sks", "dog")   # per-row tokens / ref_tokens
+    with ctl.subject_loss(ref_states, aligned) as rec:     # training; ragged rows are fine
         pred = unet(noisy, t, encoder_hidden_states=key_states).sample
     (mse(pred, noise) + 0.003 * rec.loss.mean()).backward()   # after the block: fine
+
+    with ctl.capture([1, 2, 3], accumulate="mean") as rec: # every call of a pipeline run
+        image = pipe(prompt).images[0]
+    rec.save_heatmaps("out-maps.png", image, row=1)        # one labelled grid (CFG: row 1 = cond)
 
     with ctl.values(value_states):                         # K/V-disentangled text states
         unet(latents, t, encoder_hidden_states=key_states)
