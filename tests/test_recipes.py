@@ -204,3 +204,59 @@ def test_textual_inversion_recipe_with_and_without_checkpointing(tmp_path):
         assert torch.equal(total, total_c) and torch.equal(subject, subject_c)
     for g, g_c in zip(plain[1], ckpt[1]):
         assert g.abs().sum() > 0 and torch.equal(g, g_c)
+
+
+def _dreambooth_sdxl(directory, checkpointing: bool):
+    """DreamBooth-style SDXL loop: identifier dropped in the reference, both tokenizers, grads to to_k."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(directory)
+    toks, encs, unet = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], pipe.unet
+    trained = [m.to_k.weight for n, m in unet.named_modules() if n.endswith("attn2")]
+    for p in unet.parameters():
+        p.requires_grad_(any(p is w for w in trained))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    def encode(prompts):
+        states, pooled = [], None
+        for tok, enc in zip(toks, encs):
+            ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(states, dim=-1), pooled
+
+    ctl = install(unet)                                                                   # recipe
+    prompts = ["a photo of sks dog", "a sks dog sitting on a red chair in the park"]
+    with torch.no_grad():
+        ehs, pooled = encode(prompts)
+    latents, losses, grads = torch.randn(2, 4, 8, 8), [], []
+    for step in range(2):
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (2,))
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        aligned = align_tokens(toks, prompts, "sks", None)                                # recipe
+        ref_states = encode(aligned.ref_prompts)[0].detach()                              # recipe
+        with ctl.subject_loss(ref_states, aligned) as rec:                                # recipe
+            pred = unet(pipe.scheduler.add_noise(latents, noise, t), t, ehs, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred, noise) + 0.003 * rec.loss.mean()                          # recipe
+        loss.backward()
+        losses.append(rec.loss.detach())
+        grads.append(torch.cat([w.grad.flatten() for w in trained]))
+        for w in trained:
+            w.grad = None
+    return losses, grads
+
+
+def test_dreambooth_sdxl_recipe_with_and_without_checkpointing(tmp_path):
+    from semfid.sefi.tiny import build_tiny_pipeline
+
+    directory = build_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    plain = _dreambooth_sdxl(directory, checkpointing=False)
+    ckpt = _dreambooth_sdxl(directory, checkpointing=True)
+    for a, b in zip(plain[0], ckpt[0]):
+        assert float(a.min()) > 0 and torch.equal(a, b)
+    for g, g_c in zip(plain[1], ckpt[1]):
+        assert g.abs().sum() > 0 and torch.equal(g, g_c)
