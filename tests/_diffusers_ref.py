@@ -36,8 +36,18 @@ def _pick(states, name):
     return states.get(name) if isinstance(states, dict) else states
 
 
+def _ragged(tokens) -> bool:
+    return isinstance(tokens, (list, tuple)) and len({len(r) for r in tokens}) > 1
+
+
 def _gather(p: torch.Tensor, tokens: torch.Tensor, head_reduce: str) -> torch.Tensor:
     B, H, N, _ = p.shape
+    if _ragged(tokens):  # per-row lists of different lengths: zero maps in the padding columns
+        width = max(len(r) for r in tokens)
+        maps = p.new_zeros(B, H, N, width)
+        for b, row in enumerate(tokens):
+            maps[b, :, :, : len(row)] = p[b][:, :, list(row)]
+        return maps.mean(dim=1) if head_reduce == "mean" else maps
     idx = torch.as_tensor(tokens, dtype=torch.long, device=p.device)
     if idx.dim() == 1:
         idx = idx.expand(B, -1)
@@ -100,7 +110,12 @@ class ExplicitSoftmaxProcessor:
                 ref_tokens = st.tokens if st.ref_tokens is None else st.ref_tokens
                 a_r = _gather(p_ref, ref_tokens, st.head_reduce)
                 acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-                st.losses[self.name] = (a_t.to(acc) - a_r.to(acc)).pow(2).reshape(B, -1).mean(dim=1)
+                d2 = (a_t.to(acc) - a_r.to(acc)).pow(2)
+                if _ragged(st.tokens):  # each row averaged over its own tokens only
+                    st.losses[self.name] = torch.stack(
+                        [d2[b, ..., : len(r)].mean() for b, r in enumerate(st.tokens)])
+                else:
+                    st.losses[self.name] = d2.reshape(B, -1).mean(dim=1)
             else:
                 st.maps[self.name] = a_t
 

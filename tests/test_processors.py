@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from semfid.diffusers import (
     AttentionRecorder,
+    NoCallError,
     SemfidAttnProcessor,
     SubjectLossRecorder,
     cross_attention_layers,
@@ -554,7 +555,8 @@ def test_detects_replaced_processors():
         unet.fuse_qkv_projections()  # replaced in the middle of the block
         with pytest.raises(RuntimeError, match="FusedAttnProcessor2_0"):
             run(unet, sample, t, kw)
-    assert rec.maps == {}
+    with pytest.raises(NoCallError, match=r"no UNet call ran inside the `with ctl.capture"):
+        rec.maps
 
 
 def test_processor_init_says_what_to_install(monkeypatch):

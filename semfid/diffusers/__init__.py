@@ -13,8 +13,10 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
         f"Attention blocks): pip install 'semfid[diffusers]'  ({_exc})"
     ) from _exc
 
-from .controller import AttentionRecorder, SemfidController, SubjectLossRecorder, install
+from .alignment import AlignedTokens, align_tokens
+from .controller import SemfidController, install
 from .layers import cross_attention_layers, layer_levels, resolve_layers
+from .recorders import AttentionRecorder, NoCallError, SubjectLossRecorder
 from .processors import SemfidAttnProcessor
 
 __all__ = [
@@ -23,6 +25,9 @@ __all__ = [
     "SemfidAttnProcessor",
     "AttentionRecorder",
     "SubjectLossRecorder",
+    "NoCallError",
+    "AlignedTokens",
+    "align_tokens",
     "cross_attention_layers",
     "layer_levels",
     "resolve_layers",

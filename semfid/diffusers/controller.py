@@ -2,16 +2,21 @@
 
 Usage::
 
-    from semfid.diffusers import install
+    from semfid.diffusers import align_tokens, install
 
     ctl = install(unet)                                    # every attn2 layer; layers=... filters
     with ctl.capture(tokens=[5, 6]) as rec:                # maps during generation
         unet(latents, t, encoder_hidden_states=ehs)
     heat = rec.aggregate(res=16)                           # [B, S, 16, 16]
 
-    with ctl.subject_loss(ref_states, tokens=[5]) as rec:  # training
+    aligned = align_tokens(tokenizer, prompts, "sks", "dog")   # per-row tokens / ref_tokens
+    with ctl.subject_loss(ref_states, aligned) as rec:     # training; ragged rows are fine
         pred = unet(noisy, t, encoder_hidden_states=key_states).sample
     (mse(pred, noise) + 0.003 * rec.loss.mean()).backward()   # after the block: fine
+
+    with ctl.capture([1, 2, 3], accumulate="mean") as rec: # every call of a pipeline run
+        image = pipe(prompt).images[0]
+    rec.save_heatmaps("out-maps.png", image, row=1)        # one labelled grid (CFG: row 1 = cond)
 
     with ctl.values(value_states):                         # K/V-disentangled text states
         unet(latents, t, encoder_hidden_states=key_states)
@@ -19,7 +24,9 @@ Usage::
 
 How state reaches the processors. A forward pre-hook on the UNet runs at every call. When the
 calling thread has an active ``with`` block of this controller, the hook validates the requests
-against the call's ``encoder_hidden_states`` and puts one immutable per-call state object into
+(already checked once at block entry, :mod:`.blocks`) against the call's ``encoder_hidden_states``
+once, places the token selections on the call's device and puts one per-call state
+(:class:`~semfid.diffusers.requests.CallState`, one plan per layer) into
 ``cross_attention_kwargs["semfid_call"]``. diffusers hands that dict to every transformer block and
 processor, and gradient checkpointing keeps it in its recompute closure, so the recompute during
 backward (after the ``with`` block has exited) runs exactly what the forward ran and does not record
@@ -28,8 +35,8 @@ a second time. Nothing is read from the controller during a recompute. Active bl
 
 Limits:
 
-* One UNet call per ``with`` block is the intended use; a second call in the same block replaces
-  the maps / losses of the first (``rec.num_calls`` counts them).
+* A second UNet call in a ``subject_loss`` block replaces the losses of the first
+  (``rec.num_calls`` counts them); ``capture(..., accumulate="mean" | "list")`` keeps every call.
 * Wrapping the *whole* UNet call in ``torch.utils.checkpoint`` (instead of
   ``unet.enable_gradient_checkpointing()``) re-runs the hook during backward, outside the block:
   don't.
@@ -49,305 +56,22 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .layers import (
-    LayerFilter,
-    attention_layers,
-    cross_attention_layers,
-    grid_size,
-    layer_levels,
-    resolve_layers,
-)
+from .._inputs import TokensLike
+from .blocks import capture_block, subject_loss_block, values_block
+from .layers import LayerFilter, attention_layers, cross_attention_layers, grid_size, layer_levels, resolve_layers
 from .processors import CALL_KWARG, SemfidAttnProcessor
+from .recorders import AttentionRecorder, SubjectLossRecorder
+from .requests import LossRequest, Request, StatesLike, plan_call
 
 Tensor = torch.Tensor
-TokensLike = Union[Tensor, Sequence[int], Sequence[Sequence[int]]]
-StatesLike = Union[Tensor, Dict[str, Tensor]]
-
-_HEAD_REDUCTIONS = ("mean", "none")
 
 # Processor classes whose behaviour SemfidAttnProcessor reproduces exactly (name-matched so that a
 # diffusers version without one of them still imports).
 _REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "SemfidAttnProcessor")
-
-
-# ------------------------------------------------------------------------------------------------
-# recorders (what the `with` blocks return)
-# ------------------------------------------------------------------------------------------------
-class AttentionRecorder:
-    r"""Maps captured by :meth:`SemfidController.capture`.
-
-    Attributes:
-        maps (`dict[str, torch.Tensor]`): layer name → float32 map ``P[..., tokens]``, [B, N, S]
-            (``head_reduce="mean"``) or [B, H, N, S] (``"none"``), N = h·w query positions, in the
-            order the layers ran. Differentiable when grad mode was on during the call.
-        grids (`dict[str, tuple[int, int]]`): layer name → (h, w) of its query grid.
-        tokens (`torch.Tensor`): the selected token indices, [S] or [B, S] (CPU int64).
-        head_reduce (`str`): ``"mean"`` or ``"none"``.
-        num_calls (`int`): UNet calls seen inside the block (the maps are from the last one).
-    """
-
-    def __init__(self, tokens: Tensor, head_reduce: str):
-        self.maps: Dict[str, Tensor] = {}
-        self.grids: Dict[str, Tuple[int, int]] = {}
-        self.tokens = tokens
-        self.head_reduce = head_reduce
-        self.num_calls = 0
-
-    def _store(self, name: str, value: Tensor, grid: Optional[Tuple[int, int]]) -> None:
-        self.maps.pop(name, None)  # keep run order when a later call replaces a layer
-        self.maps[name] = value
-        n = value.shape[-2]
-        if grid is None or grid[0] * grid[1] != n:
-            side = int(round(n ** 0.5))
-            grid = (side, side) if side * side == n else (1, n)
-        self.grids[name] = grid
-
-    @property
-    def resolutions(self) -> List[Tuple[int, int]]:
-        """The distinct (h, w) grids among the captured layers, largest first."""
-        return sorted(set(self.grids.values()), key=lambda g: (-g[0] * g[1], g))
-
-    def aggregate(self, res: Union[int, Tuple[int, int]] = 16) -> Tensor:
-        r"""Mean over the captured layers whose query grid is ``res``, as images.
-
-        Args:
-            res (`int` or `tuple[int, int]`, *optional*, defaults to 16): grid side (square) or
-                (h, w). SD1.5 at 512 px has 64, 32, 16 and 8 (mid block); SDXL at 1024 px 64 / 32.
-
-        Returns:
-            `torch.Tensor` [B, S, h, w] float32; per-head maps are averaged over heads first (the
-            head count differs between SDXL levels).
-
-        Raises:
-            ValueError: ``res`` is malformed or no captured layer has that grid (the message lists
-                the grids there are).
-        """
-        if isinstance(res, bool) or not (
-            isinstance(res, int)
-            or (isinstance(res, (tuple, list)) and len(res) == 2 and all(isinstance(r, int) for r in res))
-        ):
-            raise ValueError(f"res must be an int or an (h, w) pair of ints, got {res!r}")
-        target = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
-        chosen = [n for n in self.maps if self.grids[n] == target]
-        if not chosen:
-            raise ValueError(
-                f"res={res!r}: no captured layer has a {target[0]}x{target[1]} map; captured grids: "
-                f"{self.resolutions or 'none (was the UNet called inside the capture block?)'}"
-            )
-        images = []
-        for n in chosen:
-            m = self.maps[n]
-            if m.dim() == 4:  # [B, H, N, S]
-                m = m.mean(dim=1)
-            b, _, s = m.shape
-            images.append(m.transpose(1, 2).reshape(b, s, target[0], target[1]))
-        return torch.stack(images).mean(dim=0)
-
-    def __repr__(self) -> str:
-        return f"AttentionRecorder(layers={len(self.maps)}, grids={self.resolutions}, calls={self.num_calls})"
-
-
-class SubjectLossRecorder:
-    r"""Losses recorded by :meth:`SemfidController.subject_loss`.
-
-    Attributes:
-        layer_losses (`dict[str, torch.Tensor]`): layer name → [B] float32 loss of
-            :func:`semfid.subject_attention` in that layer, in run order.
-        num_calls (`int`): UNet calls seen inside the block (the losses are from the last one).
-    """
-
-    def __init__(self):
-        self.layer_losses: Dict[str, Tensor] = {}
-        self.num_calls = 0
-
-    def _store(self, name: str, value: Tensor, grid: Optional[Tuple[int, int]]) -> None:
-        self.layer_losses.pop(name, None)
-        self.layer_losses[name] = value
-
-    @property
-    def loss(self) -> Optional[Tensor]:
-        """[B] float32: mean over the chosen layers of the per-layer loss (``None`` before a call)."""
-        if not self.layer_losses:
-            return None
-        return torch.stack(list(self.layer_losses.values())).mean(dim=0)
-
-    def __repr__(self) -> str:
-        return f"SubjectLossRecorder(layers={len(self.layer_losses)}, calls={self.num_calls})"
-
-
-# ------------------------------------------------------------------------------------------------
-# frames (one per active `with` block) and the per-call state
-# ------------------------------------------------------------------------------------------------
-class _Frame:
-    """One active ``with`` block: validated requests, immutable once pushed (except the recorder)."""
-
-    __slots__ = ("kind", "layers", "tokens", "tokens_max", "ref_tokens", "head_reduce",
-                 "reference_states", "ref_bias", "value_states", "recorder", "__weakref__")
-
-    def __init__(self, kind, layers, tokens=None, ref_tokens=None, head_reduce="mean",
-                 reference_states=None, ref_bias=None, value_states=None, recorder=None):
-        self.kind = kind
-        self.layers = frozenset(layers)
-        self.tokens = tokens
-        # a Python int, so the per-call range check needs no tensor op (no host sync, and no
-        # torch.compile graph break in the pre-hook)
-        self.tokens_max = int(tokens.max()) if tokens is not None else None
-        self.ref_tokens = ref_tokens
-        self.head_reduce = head_reduce
-        self.reference_states = reference_states
-        self.ref_bias = ref_bias
-        self.value_states = value_states
-        self.recorder = recorder
-
-
-class _CapturePlan(NamedTuple):
-    frame: _Frame
-    tokens: Tensor
-    head_reduce: str
-
-
-class _LossPlan(NamedTuple):
-    frame: _Frame
-    reference_states: Tensor
-    tokens: Tensor
-    ref_tokens: Tensor
-    head_reduce: str
-    ref_bias: Optional[Tensor]
-
-
-class _LayerPlan(NamedTuple):
-    value_states: Optional[Tensor]
-    captures: Tuple[_CapturePlan, ...]
-    loss: Optional[_LossPlan]
-
-    @property
-    def wants_maps(self) -> bool:
-        return self.loss is not None or bool(self.captures)
-
-
-def _per_layer(states: Optional[StatesLike], name: str) -> Optional[Tensor]:
-    if isinstance(states, dict):
-        return states.get(name)
-    return states
-
-
-class _CallState:
-    """What the processors of one UNet call do; created by the pre-hook, never mutated after that
-    except for the set of (frame, layer) pairs already recorded, which makes a checkpoint recompute
-    skip recording."""
-
-    def __init__(self, owner, frames: Tuple[_Frame, ...], grids: Dict[str, Optional[Tuple[int, int]]]):
-        self.owner = owner
-        self.frames = frames
-        self.grids = grids
-        self._recorded = set()
-
-    def plan(self, name: str) -> Optional[_LayerPlan]:
-        value_states = None
-        for f in reversed(self.frames):  # innermost block giving values for this layer wins
-            if f.value_states is not None and name in f.layers:
-                value_states = _per_layer(f.value_states, name)
-                if value_states is not None:
-                    break
-        captures = tuple(_CapturePlan(f, f.tokens, f.head_reduce) for f in self.frames
-                         if f.kind == "capture" and name in f.layers)
-        loss = None
-        for f in self.frames:
-            if f.kind == "loss" and name in f.layers:
-                loss = _LossPlan(f, _per_layer(f.reference_states, name), f.tokens, f.ref_tokens,
-                                 f.head_reduce, f.ref_bias)
-        if value_states is None and not captures and loss is None:
-            return None
-        return _LayerPlan(value_states, captures, loss)
-
-    def record(self, item, name: str, value: Tensor) -> None:
-        key = (id(item.frame), name)
-        if key in self._recorded:  # gradient-checkpoint recompute of this call: already stored
-            return
-        self._recorded.add(key)
-        item.frame.recorder._store(name, value, self.grids.get(name))
-
-
-# ------------------------------------------------------------------------------------------------
-# validation helpers (ValueError / TypeError naming the argument; never assert)
-# ------------------------------------------------------------------------------------------------
-def _tokens_tensor(tokens: TokensLike, arg: str) -> Tensor:
-    """[S] or [B, S] integer indices (list or tensor) → CPU int64 tensor; checks sign and shape."""
-    if tokens is None:
-        raise ValueError(f"{arg} must give token indices as a list of ints or an int64 tensor [S] / [B, S], got None")
-    if isinstance(tokens, Tensor):
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise TypeError(f"{arg} must hold integer token indices, got dtype {tokens.dtype}")
-        t = tokens.detach().to("cpu", torch.int64)  # one host sync here, none per layer
-    elif isinstance(tokens, (list, tuple)):
-        flat = [x for row in tokens for x in (row if isinstance(row, (list, tuple)) else [row])]
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-            raise TypeError(f"{arg} must hold integer token indices, got {tokens!r}")
-        try:
-            t = torch.tensor(tokens, dtype=torch.int64)
-        except (ValueError, TypeError):
-            raise ValueError(f"{arg} must be a flat list [S] or a rectangular list [B, S], got {tokens!r}") from None
-    elif isinstance(tokens, int) and not isinstance(tokens, bool):
-        t = torch.tensor([tokens], dtype=torch.int64)
-    else:
-        raise TypeError(f"{arg} must be a list of ints or an int64 tensor [S] / [B, S], got {type(tokens).__name__}")
-    if t.dim() not in (1, 2) or t.shape[-1] == 0:
-        raise ValueError(f"{arg} must have shape [S] or [B, S] with S >= 1, got {tuple(t.shape)}")
-    if int(t.min()) < 0:
-        raise ValueError(f"{arg} must be non-negative token positions, got min {int(t.min())}")
-    return t
-
-
-def _check_token_range(hi: int, length: int, arg: str, states_arg: str) -> None:
-    if hi >= length:
-        raise ValueError(
-            f"{arg} must index the {length} text tokens of {states_arg} (0 ... {length - 1}), "
-            f"got index {hi}"
-        )
-
-
-def _check_rows(t: Tensor, batch: int, arg: str) -> None:
-    if t.dim() == 2 and t.shape[0] != batch:
-        raise ValueError(
-            f"{arg} has {t.shape[0]} rows but the UNet call has batch {batch}: give [S] (shared) or "
-            f"[B={batch}, S] (under classifier-free guidance B counts both halves)"
-        )
-
-
-def _check_states(states: Tensor, arg: str, width: int, layer: str) -> None:
-    if not isinstance(states, Tensor):
-        raise TypeError(f"{arg} must be a torch.Tensor [B, M, C] (or a dict of them), got {type(states).__name__}")
-    if states.dim() != 3:
-        raise ValueError(f"{arg} must be [B, M, C] text states, got shape {tuple(states.shape)}")
-    if states.shape[-1] != width:
-        raise ValueError(
-            f"{arg} must have width C={width} (the input width of {layer}'s projection), "
-            f"got shape {tuple(states.shape)}"
-        )
-    if states.shape[1] == 0:
-        raise ValueError(f"{arg} must hold at least one token, got shape {tuple(states.shape)}")
-
-
-def _check_states_for_call(states: Tensor, arg: str, ehs: Tensor, *, same_length: bool) -> None:
-    b, m = ehs.shape[0], ehs.shape[1]
-    if states.shape[0] not in (1, b):
-        raise ValueError(
-            f"{arg} must have batch 1 or the UNet call's batch {b} (under classifier-free guidance "
-            f"the full batch, both halves), got shape {tuple(states.shape)}"
-        )
-    if same_length and states.shape[1] != m:
-        raise ValueError(
-            f"{arg} must have the {m} tokens of encoder_hidden_states (keys and values pair up), "
-            f"got shape {tuple(states.shape)}"
-        )
-    if states.dtype != ehs.dtype:
-        raise TypeError(f"{arg} must have the dtype of encoder_hidden_states ({ehs.dtype}), got {states.dtype}")
-    if states.device != ehs.device:
-        raise ValueError(f"{arg} must be on the device of encoder_hidden_states ({ehs.device}), got {states.device}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,35 +81,6 @@ class _Owner:
     """Identity token shared by a controller and its processors (no reference back to the UNet)."""
 
     __slots__ = ("__weakref__",)
-
-
-class _Block:
-    """Context manager for one ``with`` block: pushes a frame on enter, pops it on exit."""
-
-    def __init__(self, controller: "SemfidController", frame: _Frame, result):
-        self._ctl = controller
-        self._frame = frame
-        self._result = result
-
-    def __enter__(self):
-        self._ctl._check_processors(self._frame.layers)
-        self._ctl._push(self._frame)
-        return self._result
-
-    def __exit__(self, exc_type, exc, tb):
-        self._ctl._pop(self._frame)
-        rec = self._frame.recorder
-        if exc_type is None and rec is not None and rec.num_calls > 0:
-            got = rec.maps if isinstance(rec, AttentionRecorder) else rec.layer_losses
-            missing = sorted(self._frame.layers.difference(got))
-            if missing:
-                raise RuntimeError(
-                    f"{len(missing)} chosen layer(s) ran without recording (e.g. {missing[0]}): their "
-                    "semfid processors were replaced or bypassed during the block "
-                    "(set_attn_processor, enable_xformers_memory_efficient_attention, "
-                    "fuse_qkv_projections, load_ip_adapter, ...)"
-                )
-        return False
 
 
 class SemfidController:
@@ -495,20 +190,20 @@ class SemfidController:
             if unet is not None and getattr(unet, "_semfid_controller", lambda: None)() is self:
                 del unet._semfid_controller
 
-    # ---- per-thread frames --------------------------------------------------------------------
-    def _frames(self) -> Tuple[_Frame, ...]:
+    # ---- per-thread active requests ------------------------------------------------------------
+    def _frames(self) -> Tuple[Request, ...]:
         return getattr(self._local, "frames", ())
 
-    def _push(self, frame: _Frame) -> None:
+    def _push(self, request: Request) -> None:
         frames = self._frames()
-        if frame.kind == "loss" and any(f.kind == "loss" for f in frames):
+        if isinstance(request, LossRequest) and any(isinstance(f, LossRequest) for f in frames):
             raise RuntimeError("subject_loss blocks of one controller cannot be nested")
-        self._local.frames = frames + (frame,)
+        self._local.frames = frames + (request,)
 
-    def _pop(self, frame: _Frame) -> None:
-        self._local.frames = tuple(f for f in self._frames() if f is not frame)
+    def _pop(self, request: Request) -> None:
+        self._local.frames = tuple(f for f in self._frames() if f is not request)
 
-    # ---- the UNet pre-hook --------------------------------------------------------------------
+    # ---- the UNet pre-hook: one validation per UNet call -----------------------------------------
     def _get_arg(self, args, kwargs, name):
         if name in kwargs:
             return kwargs[name]
@@ -528,20 +223,15 @@ class SemfidController:
                 "semfid needs encoder_hidden_states [B, M, C] in the UNet call while a capture / "
                 f"subject_loss / values block is active, got {type(ehs).__name__}"
             )
-        for f in frames:
-            self._validate_for_call(f, ehs)
+        cak = self._get_arg(args, kwargs, "cross_attention_kwargs")
+        if cak is not None and not isinstance(cak, dict):
+            raise TypeError(f"cross_attention_kwargs must be a dict or None, got {type(cak).__name__}")
         grids: Dict[str, Optional[Tuple[int, int]]] = {}
         if isinstance(sample, Tensor) and sample.dim() == 4:
             h, w = sample.shape[-2:]
             grids = {n: grid_size(h, w, self._levels.get(n)) for n in names}
-        for f in frames:
-            if f.recorder is not None:
-                f.recorder.num_calls += 1
-        call = _CallState(self._owner, frames, grids)
+        call = plan_call(self._owner, frames, ehs, grids)
 
-        cak = self._get_arg(args, kwargs, "cross_attention_kwargs")
-        if cak is not None and not isinstance(cak, dict):
-            raise TypeError(f"cross_attention_kwargs must be a dict or None, got {type(cak).__name__}")
         merged = dict(cak) if cak else {}
         merged[CALL_KWARG] = call
         i = self._arg_index["cross_attention_kwargs"]
@@ -552,82 +242,35 @@ class SemfidController:
             kwargs["cross_attention_kwargs"] = merged
         return args, kwargs
 
-    def _validate_for_call(self, f: _Frame, ehs: Tensor) -> None:
-        b, m = ehs.shape[0], ehs.shape[1]
-        if f.tokens is not None:
-            _check_rows(f.tokens, b, "tokens")
-            _check_token_range(f.tokens_max, m, "tokens", "encoder_hidden_states")
-        if f.ref_tokens is not None:
-            _check_rows(f.ref_tokens, b, "ref_tokens")
-        if f.reference_states is not None:
-            for states in (f.reference_states.values() if isinstance(f.reference_states, dict)
-                           else (f.reference_states,)):
-                _check_states_for_call(states, "reference_states", ehs, same_length=False)
-        if f.ref_bias is not None and f.ref_bias.shape[0] not in (1, b):
-            raise ValueError(
-                f"ref_attention_mask must have batch 1 or {b}, got shape {tuple(f.ref_bias.shape[:1]) + tuple(f.ref_bias.shape[2:])}"
-            )
-        if f.value_states is not None:
-            for states in (f.value_states.values() if isinstance(f.value_states, dict)
-                           else (f.value_states,)):
-                _check_states_for_call(states, "value_states", ehs, same_length=True)
-
-    # ---- request validation at block entry ----------------------------------------------------
     def _choose(self, layers: LayerFilter) -> List[str]:
         return resolve_layers(layers, self.layers, arg="layers")
 
-    def _states(self, states: Optional[StatesLike], arg: str, layers: List[str], widths,
-                *, required_for_all: bool) -> Optional[StatesLike]:
-        if states is None:
-            return None
-        if isinstance(states, dict):
-            unknown = [k for k in states if k not in layers]
-            if unknown:
-                raise ValueError(
-                    f"{arg} has entries for layers that are not chosen here: {unknown[:3]} "
-                    f"(chosen: {len(layers)} layers, e.g. {layers[0]})"
-                )
-            if required_for_all:
-                missing = [n for n in layers if n not in states]
-                if missing:
-                    raise ValueError(f"{arg} must have an entry for every chosen layer; missing {missing[:3]}")
-            for n, t in states.items():
-                _check_states(t, f"{arg}[{n!r}]", widths[n], n)
-            return dict(states)
-        for n in layers:
-            _check_states(states, arg, widths[n], n)
-        return states
-
-    @staticmethod
-    def _head_reduce(head_reduce: str) -> str:
-        if not isinstance(head_reduce, str) or head_reduce not in _HEAD_REDUCTIONS:
-            raise ValueError(f"head_reduce must be one of {_HEAD_REDUCTIONS}, got {head_reduce!r}")
-        return head_reduce
-
-    # ---- public context managers ----------------------------------------------------------------
-    def capture(self, tokens: TokensLike, head_reduce: str = "mean", layers: LayerFilter = None):
+    # ---- public context managers (block entry validates; see blocks.py) -------------------------
+    def capture(self, tokens: TokensLike, head_reduce: str = "mean", layers: LayerFilter = None,
+                accumulate: str = "last"):
         r"""Record the cross-attention maps of ``tokens`` during the UNet calls inside the block.
 
         Args:
-            tokens (`list[int]` or `torch.Tensor` [S] / [B, S]): text-token positions whose
-                probability columns are kept; each must be < M, the length of the call's
-                ``encoder_hidden_states`` (checked at the call).
+            tokens: text-token positions whose probability columns are kept: ``[S]`` (every row),
+                ``[B, S]``, ragged per-row lists (maps padded with zero columns), a
+                :class:`semfid.TokenSelection`, or an :class:`~semfid.diffusers.AlignedTokens`
+                (its target ``tokens``). Each index must be < M, the length of the call's
+                ``encoder_hidden_states`` (checked once per call).
             head_reduce (`str`, *optional*, defaults to ``"mean"``): ``"mean"`` → maps [B, N, S];
                 ``"none"`` → [B, H, N, S].
             layers (*optional*): subset of the installed layers (names or a predicate).
+            accumulate (`str`, *optional*, defaults to ``"last"``): over the calls of the block,
+                keep the last call's maps, a running ``"mean"``, or every call (``"list"``,
+                ``rec.steps``) — e.g. a whole pipeline run's denoising steps.
 
         Returns:
             A context manager whose ``as`` target is an :class:`AttentionRecorder`.
 
         Raises:
-            ValueError: bad ``tokens`` / ``head_reduce``, or ``layers`` matches nothing.
+            ValueError: bad ``tokens`` / ``head_reduce`` / ``accumulate``, or ``layers`` matches nothing.
             RuntimeError: semfid's processors were replaced after install.
         """
-        chosen = self._choose(layers)
-        t = _tokens_tensor(tokens, "tokens")
-        hr = self._head_reduce(head_reduce)
-        rec = AttentionRecorder(t, hr)
-        return _Block(self, _Frame("capture", chosen, tokens=t, head_reduce=hr, recorder=rec), rec)
+        return capture_block(self, tokens, head_reduce, layers, accumulate)
 
     def subject_loss(
         self,
@@ -639,21 +282,24 @@ class SemfidController:
         layers: LayerFilter = None,
         *,
         ref_attention_mask: Optional[Tensor] = None,
+        keep_maps: bool = False,
     ):
         r"""Compute SeFi-IDE's subject-wise attention loss in every chosen layer of the calls inside.
 
         In each layer the query of the UNet call is used twice: ``A_t`` with keys
         ``to_k(encoder_hidden_states)`` (the key states passed to the UNet) and ``A_r`` with keys
         ``to_k(reference_states)``; the layer loss is :func:`semfid.subject_attention`'s
-        ``mean((A_t[..., tokens] − A_r[..., ref_tokens])²)`` per batch item, reference detached.
+        ``mean((A_t[..., tokens] − A_r[..., ref_tokens])²)`` per batch item (over each row's own
+        tokens when rows are ragged), reference detached.
 
         Args:
             reference_states (`torch.Tensor` [B or 1, M_ref, C], or `dict[str, torch.Tensor]`): text
                 states of the reference prompt (e.g. "a photo of the face of person"), fed to
                 ``to_k`` of the reference branch; a dict gives per-layer states and must cover every
                 chosen layer. Batch 1 is shared by the whole batch.
-            tokens (`list[int]` or `torch.Tensor` [S] / [B, S]): target-prompt positions.
-            ref_tokens (*optional*, defaults to ``tokens``): reference-prompt positions, as many.
+            tokens: target-prompt positions, in any form :meth:`capture` takes; an
+                :class:`~semfid.diffusers.AlignedTokens` gives ``tokens`` and ``ref_tokens`` at once.
+            ref_tokens (*optional*, defaults to ``tokens``): reference-prompt positions, as many per row.
             value_states (`torch.Tensor` [B or 1, M, C] or `dict`, *optional*): states for ``to_v``
                 instead of ``encoder_hidden_states`` (K/V-disentangled tokens); a dict gives
                 per-layer states, layers missing from it use ``encoder_hidden_states``.
@@ -664,43 +310,16 @@ class SemfidController:
                 drop) for the reference keys. Without it the reference branch reuses the call's
                 ``encoder_attention_mask`` when ``M_ref == M`` (both prompts padded alike, the
                 SeFi-IDE case) and is unmasked otherwise.
+            keep_maps (`bool`, *optional*, defaults to `False`): also keep each layer's target maps
+                ``A_t`` (``rec.maps``, differentiable) from the same fused pass, for
+                :mod:`semfid.losses`.
 
         Returns:
             A context manager whose ``as`` target is a :class:`SubjectLossRecorder`
-            (``rec.loss`` [B], ``rec.layer_losses``).
+            (``rec.loss`` [B], ``rec.layer_losses``, ``rec.maps``).
         """
-        chosen = self._choose(layers)
-        t = _tokens_tensor(tokens, "tokens")
-        rt = t if ref_tokens is None else _tokens_tensor(ref_tokens, "ref_tokens")
-        if rt.shape[-1] != t.shape[-1]:
-            raise ValueError(
-                f"ref_tokens must select as many tokens as tokens ({t.shape[-1]}), got {rt.shape[-1]}"
-            )
-        hr = self._head_reduce(head_reduce)
-        if reference_states is None:
-            raise ValueError("reference_states must be the reference prompt's text states [B, M_ref, C], got None")
-        refs = self._states(reference_states, "reference_states", chosen, self._k_width, required_for_all=True)
-        for states in (refs.values() if isinstance(refs, dict) else (refs,)):
-            _check_token_range(int(rt.max()), states.shape[1], "ref_tokens" if ref_tokens is not None else "tokens",
-                               "reference_states")
-        vals = self._states(value_states, "value_states", chosen, self._v_width, required_for_all=False)
-        ref_bias = None
-        if ref_attention_mask is not None:
-            m = ref_attention_mask
-            if not isinstance(m, Tensor) or m.dim() not in (1, 2):
-                raise ValueError(f"ref_attention_mask must be a keep-mask tensor [B, M_ref], got {getattr(m, 'shape', type(m).__name__)}")
-            m = m if m.dim() == 2 else m[None]
-            for states in (refs.values() if isinstance(refs, dict) else (refs,)):
-                if m.shape[-1] != states.shape[1]:
-                    raise ValueError(
-                        f"ref_attention_mask must have the M_ref={states.shape[1]} tokens of "
-                        f"reference_states, got shape {tuple(ref_attention_mask.shape)}"
-                    )
-            ref_bias = ((1 - m.to(torch.float32)) * -10000.0)[:, None, :]  # diffusers' convention
-        rec = SubjectLossRecorder()
-        frame = _Frame("loss", chosen, tokens=t, ref_tokens=rt, head_reduce=hr,
-                       reference_states=refs, ref_bias=ref_bias, value_states=vals, recorder=rec)
-        return _Block(self, frame, rec)
+        return subject_loss_block(self, reference_states, tokens, ref_tokens, value_states, head_reduce,
+                                  layers, ref_attention_mask=ref_attention_mask, keep_maps=keep_maps)
 
     def values(self, value_states: StatesLike):
         r"""Feed ``value_states`` to ``to_v`` of the installed layers (keys keep coming from
@@ -716,10 +335,7 @@ class SemfidController:
         Returns:
             A context manager (``as`` target: ``None``); nests with :meth:`capture`.
         """
-        if value_states is None:
-            raise ValueError("value_states must be a tensor [B, M, C] or a {layer name: tensor} dict, got None")
-        vals = self._states(value_states, "value_states", self.layers, self._v_width, required_for_all=False)
-        return _Block(self, _Frame("values", self.layers, value_states=vals), None)
+        return values_block(self, value_states)
 
     def __deepcopy__(self, memo):
         # Reached through the UNet's forward pre-hook when an installed UNet is deep-copied (EMA

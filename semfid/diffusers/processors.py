@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import attention_maps, cross_attention, subject_attention
+from .requests import CallStateProtocol, LayerPlan
 
 #: ``cross_attention_kwargs`` key carrying the per-call state (must match ``__call__``'s parameter).
 CALL_KWARG = "semfid_call"
@@ -150,7 +151,7 @@ class SemfidAttnProcessor:
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         temb: Optional[torch.Tensor] = None,
-        semfid_call: Any = None,
+        semfid_call: Optional[CallStateProtocol] = None,
     ) -> torch.Tensor:
         r"""Run the attention layer.
 
@@ -175,7 +176,7 @@ class SemfidAttnProcessor:
                     f"layer {self.name}: cross_attention_kwargs['{CALL_KWARG}'] comes from another "
                     "semfid controller; do not pass it by hand between UNets"
                 )
-            plan = semfid_call.plan(self.name)
+            plan = semfid_call.plans.get(self.name)  # built once per UNet call, checked there
 
         pro = _prologue(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         hidden_states = pro.hidden_states
@@ -221,14 +222,19 @@ class SemfidAttnProcessor:
         return _epilogue(attn, out, query.dtype, pro)
 
     # ------------------------------------------------------------------------------------------
-    def _mapped_attention(self, attn, query, key, value, mask, plan, call, head_dim):
-        """Cross-attention through semfid's ops; records maps / losses on the call state."""
+    def _mapped_attention(self, attn, query, key, value, mask, plan: LayerPlan,
+                          call: CallStateProtocol, head_dim: int):
+        """Cross-attention through semfid's ops; records maps / losses on the call state.
+
+        The token selections in ``plan`` already live on the call's device and were checked
+        against the call's sizes: the ops only compare sizes here (no copy, no host sync).
+        """
         bias = _additive_bias(mask)
-        captures = list(plan.captures)
-        loss_req = plan.loss
-        if loss_req is not None:
+        captures = plan.captures
+        item = plan.loss
+        if item is not None:
             with torch.no_grad():  # the reference branch is detached: no graph for to_k(ref)
-                states = loss_req.reference_states
+                states = item.reference_states
                 if attn.norm_cross:
                     states = attn.norm_encoder_hidden_states(states)
                 k_ref = _split_heads(attn.to_k(states), states.shape[0], attn.heads, head_dim)
@@ -236,20 +242,21 @@ class SemfidAttnProcessor:
                     k_ref = attn.norm_k(k_ref)
             if k_ref.shape[0] != query.shape[0]:  # one reference prompt for the whole batch
                 k_ref = k_ref.expand(query.shape[0], -1, -1, -1)
-            if loss_req.ref_bias is not None:
-                ref_bias = loss_req.ref_bias
+            if item.ref_bias is not None:
+                ref_bias = item.ref_bias
             elif bias is not None and k_ref.shape[2] == key.shape[2]:
                 ref_bias = bias  # same token layout: the target's padding mask applies
             else:
                 ref_bias = None
-            out, loss = subject_attention(
-                query, key, value, k_ref, tokens=loss_req.tokens, ref_tokens=loss_req.ref_tokens,
+            res = subject_attention(
+                query, key, value, k_ref, tokens=item.tokens, ref_tokens=item.ref_tokens,
                 scale=attn.scale, attn_bias=bias, ref_attn_bias=ref_bias,
-                head_reduce=loss_req.head_reduce,
+                head_reduce=item.head_reduce, return_maps=item.keep_maps,
             )
-            call.record(loss_req, self.name, loss)
+            out, loss = res[0], res[1]
+            call.record(item, self.name, loss, res[2] if item.keep_maps else None)
         else:
-            first = captures.pop(0)
+            first, captures = captures[0], captures[1:]
             out, maps = cross_attention(
                 query, key, value, scale=attn.scale, attn_bias=bias, select=first.tokens,
                 head_reduce=first.head_reduce,
