@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 #: Programs a grid should reach to fill a 132-SM GPU (H100/H200) once. A constant, not the SM count
 #: of the device at hand: splits and tiles derived from it must not change between processes.

@@ -85,9 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="registers/spills/shared memory of the built CUDA kernels")
     args, rest = parser.parse_known_args(argv)
     if args.compile_check:
-        from semfid import _compile_check
+        from semfid.kernels import compile_check  # imports triton only when asked
 
-        return _compile_check.main(rest)
+        return compile_check.main(rest)
     if args.cuda_resources:
         from semfid import _cuda_resources
 
