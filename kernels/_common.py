@@ -28,8 +28,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 FILL_PROGRAMS = 132
 #: Backward programs aimed for (about 4 per SM of a 132-SM GPU).
 BWD_TARGET_PROGRAMS = 4 * FILL_PROGRAMS
-#: Query rows of one backward program are a multiple of this (the largest BLOCK_M).
-BWD_ROW_GRANULE = 128
+#: Query rows of one backward program are a multiple of this (a multiple of every backward BLOCK_M
+#: the policies pick: 32 or 64).
+BWD_ROW_GRANULE = 64
 
 
 @triton.jit
