@@ -168,7 +168,7 @@ def _subject_jobs(arch: int, dtype: str, d: int, quick: bool):
             (q, k, v, kr, bias, tok), outs, _ = _subject_tensors(d, dtype, max(QUERY_BUCKETS), S, mean,
                                                                  detach, maps)
             out, lse, lse_ref, mp, diff, _ = outs
-            bm, w = bwd.config(q)
+            bm, w = bwd.config(q, not detach or not mean, S)
             splits, rows = C.backward_splits(q.shape[2], q.shape[0] * q.shape[1])
             dout = torch.empty_like(out)
             dloss = torch.empty(q.shape[0], device="meta")

@@ -245,10 +245,16 @@ def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-def config(q: torch.Tensor) -> Tuple[int, int]:
-    """(BLOCK_M, num_warps): fixed per dtype (no autotuning, so the order in which a split's tiles
-    add into its partials, hence dk/dv's bits, never depends on a tuning run)."""
-    return (32, 8) if q.dtype == torch.float32 else (32, 4)
+def config(q: torch.Tensor, both_key_sets: bool, num_selected: int) -> Tuple[int, int]:
+    """(BLOCK_M, num_warps): fixed per shape class (no autotuning, so the order in which a split's
+    tiles add into its partials, hence dk/dv's bits, never depends on a tuning run).
+
+    Heavy launches (S > 16 or head dim > 128) take 8 warps, and 16 rows when P_r is recomputed
+    too (two P / dS tile pairs); 4 warps / 32 rows otherwise (fp32: 8 warps). The compile check
+    (sm_90, fp16) measured spills with 4 warps / 32 rows on those."""
+    heavy = num_selected > 16 or q.shape[-1] > 128
+    block_m = 16 if (both_key_sets and heavy) else 32
+    return block_m, 8 if (both_key_sets or heavy or q.dtype == torch.float32) else 4
 
 
 def allocate(q, k, v, k_ref, splits, has_do, ref_grad):
@@ -317,7 +323,7 @@ def subject_bwd(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, sca
     if N == 0 or H == 0 or (dout is None and dloss is None and dmaps is None):
         dk_ref = dk_ref.zero_()
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dk_ref
-    block_m, warps = config(q)
+    block_m, warps = config(q, ref_grad or (dloss is not None and not mean_heads), tokens.shape[1])
     splits, rows_per_split = backward_splits(N, B * H)
     dq, dk_part, dv_part, dkr_part = allocate(q, k, v, k_ref, splits, dout is not None, ref_grad)
     args, constexprs = launch_args(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights,

@@ -73,7 +73,8 @@ def _subject_fwd_kernel(
     ``loss_scale`` = 1 / (N · (1 if MEAN_HEADS else H)): the partials sum to loss[b].
 
     Grid: ``(cdiv(N_Q, BLOCK_M), B)`` with MEAN_HEADS (one program loops over the H heads of its
-    rows and sums the maps in registers: the head mean needs all heads before d is squared), else
+    rows and sums P_t, P_r in registers; the head mean needs all heads before d is squared, and
+    the gather, being linear, runs once on the sums), else
     ``(cdiv(N_Q, BLOCK_M), B * H)``. Partial ``LOSS_PART[pid_1, pid_0]`` (contiguous).
 
     Invariants: all keys of a head in one block (BLOCK_N >= N_KV, BLOCK_NR >= N_REF); head dims
@@ -127,8 +128,8 @@ def _subject_fwd_kernel(
     else:
         w = tl.where(s_mask, 1.0 / NUM_SEL, 0.0)
 
-    diff_sum = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-    maps_sum = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    psum_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    psum_r = tl.zeros([BLOCK_M, BLOCK_NR], dtype=tl.float32)
     loss_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     for h in range(h_start, h_end):
         off_h = tl.cast(h, tl.int64)
@@ -158,17 +159,17 @@ def _subject_fwd_kernel(
         lse_off = off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem
         if WRITE_LSER:
             tl.store(LSER + lse_off, lse_r, mask=m_mask)
-        a_r = exact_dot(p_r, one_hot(rtok, s_mask, offs_nr, True), SPLIT_DOT)
-
         p_t, lse_t = row_softmax(s_t)
         tl.store(LSE + lse_off, lse_t, mask=m_mask)
-        a_t = exact_dot(p_t, one_hot(tok, s_mask, offs_n, True), SPLIT_DOT)
-        d_h = tl.where(m_mask[:, None], a_t - a_r, 0.0)
         if MEAN_HEADS:
-            diff_sum += d_h
-            if RETURN_MAPS:
-                maps_sum += a_t
+            # The gather is linear: sum P over heads, gather once after the loop (no one-hot
+            # matrix or map tile lives across the head loop).
+            psum_t += p_t
+            psum_r += p_r
         else:
+            a_r = exact_dot(p_r, one_hot(rtok, s_mask, offs_nr, True), SPLIT_DOT)
+            a_t = exact_dot(p_t, one_hot(tok, s_mask, offs_n, True), SPLIT_DOT)
+            d_h = tl.where(m_mask[:, None], a_t - a_r, 0.0)
             loss_rows += tl.sum(w[None, :] * d_h * d_h, axis=1)
             if RETURN_MAPS:
                 tl.store(MAPS + off_b * stride_ab + off_h * stride_ah
@@ -190,13 +191,15 @@ def _subject_fwd_kernel(
                      o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     if MEAN_HEADS:
-        dm = diff_sum / H
+        a_t = exact_dot(psum_t, one_hot(tok, s_mask, offs_n, True), SPLIT_DOT) / H
+        a_r = exact_dot(psum_r, one_hot(rtok, s_mask, offs_nr, True), SPLIT_DOT) / H
+        dm = tl.where(m_mask[:, None], a_t - a_r, 0.0)
         tile_mask = m_mask[:, None] & s_mask[None, :]
         tl.store(DIFF + off_b * stride_db + offs_m[:, None] * stride_dm + offs_s[None, :] * stride_ds,
                  dm, mask=tile_mask)
         if RETURN_MAPS:
             tl.store(MAPS + off_b * stride_ab + offs_m[:, None] * stride_am + offs_s[None, :] * stride_as,
-                     maps_sum / H, mask=tile_mask)
+                     a_t, mask=tile_mask)
         loss_rows = tl.sum(w[None, :] * dm * dm, axis=1)
     partial = tl.sum(loss_rows, axis=0) * loss_scale
     tl.store(LOSS_PART + pid_bh * tl.num_programs(0) + pid_m, partial)
@@ -209,12 +212,15 @@ def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
 def config(q: torch.Tensor, mean_heads: bool, num_selected: int) -> Tuple[int, int]:
     """(BLOCK_M, num_warps): a fixed tile per shape class (no autotuning: the loss partials, one
     per program, must not change with a tuning choice). Head-mean grids (B programs per row block)
-    take the largest tile that still reaches 132 programs; fp32 (FMA dots) and S > 32 (two
-    [BLOCK_M, BLOCK_S] accumulators) stay at <= 32 rows."""
+    take the largest tile that still reaches 132 programs; fp32 (FMA dots) and S > 32 stay at
+    <= 32 rows, head means at head dim > 128 at 16. 8 warps for head means (two [BLOCK_M, BLOCK_N] sums live across the head loop),
+    S > 16 and 64-row tiles: with 4 warps the compile check measured spills there (sm_90)."""
     B, H, N, _ = q.shape
     largest = 32 if (q.dtype == torch.float32 or num_selected > 32) else 64
+    if mean_heads and q.shape[-1] > 128:
+        largest = 16
     block_m = fill_block_m(N, B if mean_heads else B * H, largest)
-    return block_m, 4 if block_m <= 32 else 8
+    return block_m, 8 if (mean_heads or block_m > 32 or num_selected > 16) else 4
 
 
 def grid(q: torch.Tensor, mean_heads: bool, block_m: int) -> Tuple[int, int]:
