@@ -1,15 +1,20 @@
 """Triton kernels of semfid (installed as ``semfid.kernels``); imports only torch and triton.
 
-Launchers (they write into / return torch tensors; shapes as in ``semfid.backends.base``):
+Launchers (flat signatures of CONTRACT.md; each allocates its outputs):
 
 * :func:`xattn_fwd` — out, lse and the selected probability columns in one pass.
 * :func:`xattn_bwd` — dq, dk, dv with the map gradient folded into dP.
+* :func:`subject_fwd` — the one-pass subject-wise loss: out, lse, lse_ref, loss, maps, diff.
+* :func:`subject_bwd` — its gradients dq, dk, dv, dk_ref in one kernel pass.
 
-Set ``TRITON_INTERPRET=1`` before importing triton to run them on CPU tensors (fixed tile,
-no autotuning).
+Every launch runs under ``torch.cuda.device(q.device)`` (and so on that device's current stream).
+Set ``TRITON_INTERPRET=1`` before importing triton to run them on CPU tensors (fixed tiles).
+``python -m semfid.kernels.compile_check`` compiles every reachable config for sm_80 / sm_90.
 """
 
+from .subject_bwd import subject_bwd
+from .subject_fwd import subject_fwd
 from .xattn_bwd import xattn_bwd
 from .xattn_fwd import xattn_fwd
 
-__all__ = ["xattn_fwd", "xattn_bwd"]
+__all__ = ["xattn_fwd", "xattn_bwd", "subject_fwd", "subject_bwd"]

@@ -5,7 +5,6 @@ Imports only torch and triton (this folder is installed as ``semfid.kernels``).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Dict, List
 
@@ -17,9 +16,6 @@ import triton.language as tl
 MAX_KEYS = 256
 #: Largest head dim (q/k) and value dim the kernels take.
 MAX_HEAD_DIM = 256
-#: Query rows handled by one backward program are a multiple of this (= the largest BLOCK_M), so the
-#: number of dk/dv partials never depends on the autotuned BLOCK_M.
-BWD_ROW_GRANULE = 128
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -79,11 +75,6 @@ def head_dim_block(head_dim: int, max_block: int = 128) -> int:
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
     return best
-
-
-def select_block(num_selected: int) -> int:
-    """BLOCK_S: the selected map columns of one row held in registers (no ``tl.dot`` on them)."""
-    return triton.next_power_of_2(max(1, num_selected))
 
 
 def query_bucket(num_queries: int) -> int:
@@ -224,25 +215,3 @@ def candidate_configs(named_args: Dict, backward: bool) -> List[triton.Config]:
 
 #: Fixed tile used under the interpreter (no autotuning there: it would time numpy).
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def backward_splits(num_queries: int, batch_heads: int, device: torch.device):
-    """(splits, rows_per_split) for the backward grid (splits, B*H).
-
-    Each program walks ``rows_per_split`` queries (a multiple of :data:`BWD_ROW_GRANULE`) of one
-    head and accumulates its dk/dv partial; about 4 programs per SM keep the GPU busy while the
-    partials (splits x B x H x M x D fp32) stay a small fraction of q's bytes.
-    """
-    if device.type == "cuda":
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 2 * batch_heads  # interpreter: exercise several splits and several row blocks
-    per_head = max(1, target // max(1, batch_heads))
-    rows = triton.cdiv(num_queries, per_head)
-    rows = triton.cdiv(rows, BWD_ROW_GRANULE) * BWD_ROW_GRANULE
-    return triton.cdiv(num_queries, rows), rows

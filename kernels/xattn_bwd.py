@@ -13,7 +13,6 @@ import triton.language as tl
 from ._utils import (
     INTERPRETER_CONFIG,
     autotune_configs,
-    backward_splits,
     dot_precision,
     dot_upcast,
     head_dim_block,
@@ -24,6 +23,7 @@ from ._utils import (
     prune_bwd_configs,
     query_bucket,
 )
+from ._common import aligned8, backward_splits, device_guard, exact_dot, one_hot, select_block, sum_splits_into
 
 @triton.jit
 def _xattn_bwd_kernel(
@@ -42,8 +42,9 @@ def _xattn_bwd_kernel(
     sm_scale, g_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HAS_DO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, SPLIT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Gradients of one head over one range of query rows.
 
@@ -68,6 +69,26 @@ def _xattn_bwd_kernel(
     """
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert(BLOCK_S >= 16)
+    if ALIGNED:  # 16-byte aligned rows at head dim 40 (see aligned8)
+        stride_qb = tl.multiple_of(stride_qb, 8)
+        stride_qh = tl.multiple_of(stride_qh, 8)
+        stride_qm = tl.multiple_of(stride_qm, 8)
+        stride_kb = tl.multiple_of(stride_kb, 8)
+        stride_kh = tl.multiple_of(stride_kh, 8)
+        stride_kn = tl.multiple_of(stride_kn, 8)
+        stride_vb = tl.multiple_of(stride_vb, 8)
+        stride_vh = tl.multiple_of(stride_vh, 8)
+        stride_vn = tl.multiple_of(stride_vn, 8)
+        stride_ob = tl.multiple_of(stride_ob, 8)
+        stride_oh = tl.multiple_of(stride_oh, 8)
+        stride_om = tl.multiple_of(stride_om, 8)
+        stride_dob = tl.multiple_of(stride_dob, 8)
+        stride_doh = tl.multiple_of(stride_doh, 8)
+        stride_dom = tl.multiple_of(stride_dom, 8)
+        stride_dqb = tl.multiple_of(stride_dqb, 8)
+        stride_dqh = tl.multiple_of(stride_dqh, 8)
+        stride_dqm = tl.multiple_of(stride_dqm, 8)
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = tl.cast(pid_bh // H, tl.int64)
@@ -88,6 +109,11 @@ def _xattn_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_mask = offs_n < N_KV
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SEL
+    if HAS_G:  # selected key indices as a vector and their one-hot matrix [BLOCK_N, BLOCK_S]
+        sel = tl.load(SEL + off_b * stride_selb + offs_s * stride_sels, mask=s_mask, other=0)
+        e_sel = one_hot(sel, s_mask, offs_n, True)
     if HAS_BIAS:
         bias = tl.load(BIAS + off_b * stride_biasb + off_h * stride_biash + offs_n * stride_biasn,
                        mask=n_mask, other=0.0).to(tl.float32)
@@ -131,11 +157,9 @@ def _xattn_bwd_kernel(
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         if HAS_G:
             # delta += Σ_j G[:, j] · P[:, SEL[j]]  (= rowsum(P ⊙ scatter(G)); duplicates add up)
-            for j in range(NUM_SEL):
-                col = tl.load(SEL + off_b * stride_selb + j * stride_sels)
-                g_col = tl.load(g_ptr + offs_m * stride_gm + j * stride_gs, mask=m_mask, other=0.0)
-                g_col = g_col.to(tl.float32) * g_scale
-                delta += g_col * tl.sum(tl.where(offs_n[None, :] == col, p, 0.0), axis=1)
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_s[None, :] * stride_gs,
+                        mask=m_mask[:, None] & s_mask[None, :], other=0.0).to(tl.float32) * g_scale
+            delta += tl.sum(g * exact_dot(p, e_sel, SPLIT_DOT), axis=1)
         if HAS_DO:
             # dO·Vᵀ and delta += rowsum(dO ⊙ O)
             dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -155,12 +179,8 @@ def _xattn_bwd_kernel(
         else:
             ds = p * (-delta[:, None])
         if HAS_G:
-            # dS += P ⊙ scatter(G): column j of G lands on key SEL[j], one column at a time.
-            for j in range(NUM_SEL):
-                col = tl.load(SEL + off_b * stride_selb + j * stride_sels)
-                g_col = tl.load(g_ptr + offs_m * stride_gm + j * stride_gs, mask=m_mask, other=0.0)
-                g_col = g_col.to(tl.float32) * g_scale
-                ds += tl.where(offs_n[None, :] == col, p * g_col[:, None], 0.0)
+            # dS += P ⊙ scatter(G): column j of G lands on key SEL[j] (one product with Eᵀ).
+            ds += p * exact_dot(g, tl.trans(e_sel), SPLIT_DOT)
 
         # dQ = dS · K · scale (complete for these rows: all keys are in the block).
         for d0 in range(0, HEAD_DIM, BLOCK_D):
@@ -200,13 +220,6 @@ def _xattn_bwd_kernel(
         tl.debug_barrier()
 
 
-_xattn_bwd_kernel_tuned = triton.autotune(
-    configs=autotune_configs(),
-    key=["N_BUCKET", "N_KV", "HEAD_DIM", "VALUE_DIM", "NUM_SEL", "HAS_DO", "HAS_G"],
-    prune_configs_by={"early_config_prune": prune_bwd_configs},
-)(_xattn_bwd_kernel)
-
-
 def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
@@ -242,21 +255,31 @@ def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps,
         HEAD_DIM=D, VALUE_DIM=max(Dv, 1) if has_do else 1, BLOCK_N=key_block(M),
         BLOCK_D=head_dim_block(D, max_block_d),
         BLOCK_DV=head_dim_block(Dv, max_block_d) if has_do else 16,
+        BLOCK_S=select_block(select.shape[1] if has_g else 1),
         HAS_DO=has_do, HAS_BIAS=bias is not None, HAS_G=has_g,
+        ALIGNED=aligned8(q, k, v if has_do else None, out if has_do else None, dout, dq),
+        SPLIT_DOT=not interpreting(),
         DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
     )
     return args, constexprs
 
 
 def allocate(q, k, v, has_do, splits):
-    """dq [B, H, N, D] in q's dtype and the fp32 partials [splits, B, H, M, D] / [.., Dv]."""
+    """dq (empty_like q) and the fp32 partials [splits, B, H, M, D] / [.., Dv] (dv's empty
+    without dout)."""
     B, H, N, D = q.shape
-    M = k.shape[2]
-    Dv = v.shape[3] if has_do else 1
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk_part = torch.empty(splits, B, H, M, D, dtype=torch.float32, device=q.device)
-    dv_part = torch.empty(splits, B, H, M, Dv, dtype=torch.float32, device=q.device)
-    return dq, dk_part, dv_part
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dk_part = torch.empty(splits, B, H, k.shape[2], D, **f32)
+    dv_part = torch.empty(splits, B, H, k.shape[2], v.shape[3], **f32) if has_do else torch.empty(0, **f32)
+    return torch.empty_like(q), dk_part, dv_part
+
+
+def fixed_config(args, constexprs) -> triton.Config:
+    """The one tile a backward launch runs (no autotuning: the order in which a split's tiles add
+    into its dk/dv partials must not depend on a tuning run): the first config the autotuning
+    policy keeps for the launch (``prune_bwd_configs``), a function of the shapes only."""
+    named = dict(zip(_xattn_bwd_kernel.arg_names, args), **constexprs)
+    return prune_bwd_configs(autotune_configs(), named)[0]
 
 
 def xattn_bwd(
@@ -272,11 +295,9 @@ def xattn_bwd(
     dout: Optional[torch.Tensor],
     dmaps: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one forward pass; arguments as in ``semfid.backends.base`` backward.
-
-    dq is written by the kernel in q's dtype; dk/dv are fp32 partials summed over the splits
-    (a fixed-order reduction: bitwise reproducible) and cast to k/v's dtype. dv is an empty tensor
-    when v is None. Any strides are accepted for every input.
+    """(dq, dk, dv) of one forward pass; each has its input's strides and dtype (dv is empty when
+    v is None). dq is written by the kernel; dk/dv are fp32 partials summed over the splits in a
+    fixed order (bitwise reproducible) by one launch each.
     """
     B, H, N, _ = q.shape
     has_do = v is not None and dout is not None
@@ -285,22 +306,22 @@ def xattn_bwd(
         dv = torch.zeros_like(v) if v is not None else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), dv
 
-    splits, rows_per_split = backward_splits(N, B * H, q.device)
+    splits, rows_per_split = backward_splits(N, B * H)
     dq, dk_part, dv_part = allocate(q, k, v, has_do, splits)
     args, constexprs = launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, dout, dmaps,
                                    dq, dk_part, dv_part, rows_per_split)
     grid = (splits, B * H)
-    if interpreting():
-        _xattn_bwd_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
-    else:
-        _xattn_bwd_kernel_tuned[grid](*args, **constexprs)
-
-    # Fixed-order reduction over the splits (no atomics): same bits on every run.
-    dk = (dk_part[0] if splits == 1 else dk_part.sum(dim=0)).to(k.dtype)
-    if v is None:
-        dv = q.new_empty(0)
-    elif has_do:
-        dv = (dv_part[0] if splits == 1 else dv_part.sum(dim=0)).to(v.dtype)
-    else:
-        dv = torch.zeros_like(v)
+    with device_guard(q):
+        if interpreting():
+            _xattn_bwd_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
+        else:
+            cfg = fixed_config(args, constexprs)
+            _xattn_bwd_kernel[grid](*args, **constexprs, **cfg.all_kwargs())
+        dk = sum_splits_into(dk_part, torch.empty_like(k))
+        if v is None:
+            dv = q.new_empty(0)
+        elif has_do:
+            dv = sum_splits_into(dv_part, torch.empty_like(v))
+        else:
+            dv = torch.zeros_like(v)
     return dq, dk, dv

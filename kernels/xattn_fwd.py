@@ -25,8 +25,8 @@ from ._utils import (
     mma,
     prune_fwd_configs,
     query_bucket,
-    select_block,
 )
+from ._common import aligned8, device_guard, exact_dot, one_hot, row_softmax, select_block
 
 
 
@@ -47,7 +47,7 @@ def _xattn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEL: tl.constexpr, MEAN_HEADS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, SPLIT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One block of query rows: full-row softmax over all keys, output, lse and selected maps.
 
@@ -74,6 +74,20 @@ def _xattn_fwd_kernel(
     """
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert(BLOCK_S >= 16)
+    if ALIGNED:  # row starts are 16-byte aligned: keep vector loads at head dim 40 (aligned8)
+        stride_qb = tl.multiple_of(stride_qb, 8)
+        stride_qh = tl.multiple_of(stride_qh, 8)
+        stride_qm = tl.multiple_of(stride_qm, 8)
+        stride_kb = tl.multiple_of(stride_kb, 8)
+        stride_kh = tl.multiple_of(stride_kh, 8)
+        stride_kn = tl.multiple_of(stride_kn, 8)
+        stride_vb = tl.multiple_of(stride_vb, 8)
+        stride_vh = tl.multiple_of(stride_vh, 8)
+        stride_vn = tl.multiple_of(stride_vn, 8)
+        stride_ob = tl.multiple_of(stride_ob, 8)
+        stride_oh = tl.multiple_of(stride_oh, 8)
+        stride_om = tl.multiple_of(stride_om, 8)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if MEAN_HEADS:
@@ -92,6 +106,9 @@ def _xattn_fwd_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     m_mask = offs_m < N_Q
     n_mask = offs_n < N_KV
+    s_mask = offs_s < NUM_SEL
+    if HAS_SEL:  # the selected key indices of this batch row, as a vector (no scalar loads)
+        sel = tl.load(SEL + off_b * stride_selb + offs_s * stride_sels, mask=s_mask, other=0)
 
     maps_sum = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
     for h in range(h_start, h_end):
@@ -115,31 +132,18 @@ def _xattn_fwd_kernel(
                            mask=n_mask, other=0.0)
             s = s + bias.to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-
-        # Softmax of the full row. A row whose keys are all -inf has max -inf: shift by 0 so that
-        # every exp2 is 0 (not NaN), then P = 0 and lse = +inf. A NaN logit keeps the row NaN.
-        m_i = tl.max(s, axis=1)
-        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.math.exp2((s - m_i[:, None]) * 1.4426950408889634)  # exp(s - max), via log2(e)
-        l_i = tl.sum(p, axis=1)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # all-masked row: p is 0 already; NaN stays NaN
-        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe) * 0.6931471805599453)
-        p = p / l_safe[:, None]
+        p, lse = row_softmax(s)
         tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem, lse, mask=m_mask)
 
         if HAS_SEL:
-            # Gather column SEL[j] of P exactly (a masked row sum, no dot): duplicates allowed.
-            maps_h = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-            for j in range(NUM_SEL):
-                col = tl.load(SEL + off_b * stride_selb + j * stride_sels)
-                p_col = tl.sum(tl.where(offs_n[None, :] == col, p, 0.0), axis=1)
-                maps_h = tl.where(offs_s[None, :] == j, p_col[:, None], maps_h)
+            # P[:, SEL] as one product with the one-hot matrix of SEL (duplicates allowed).
+            maps_h = exact_dot(p, one_hot(sel, s_mask, offs_n, True), SPLIT_DOT)
             if MEAN_HEADS:
                 maps_sum += maps_h
             else:
                 tl.store(MAPS + off_b * stride_ab + off_h * stride_ah
                          + offs_m[:, None] * stride_am + offs_s[None, :] * stride_as,
-                         maps_h, mask=m_mask[:, None] & (offs_s[None, :] < NUM_SEL))
+                         maps_h, mask=m_mask[:, None] & s_mask[None, :])
 
         if HAS_V:
             # The maps above were P's last fp32 use: only its tensor-core operand (input dtype,
@@ -161,7 +165,7 @@ def _xattn_fwd_kernel(
     if HAS_SEL:
         if MEAN_HEADS:
             tl.store(MAPS + off_b * stride_ab + offs_m[:, None] * stride_am + offs_s[None, :] * stride_as,
-                     maps_sum / H, mask=m_mask[:, None] & (offs_s[None, :] < NUM_SEL))
+                     maps_sum / H, mask=m_mask[:, None] & s_mask[None, :])
 
 
 _xattn_fwd_kernel_tuned = triton.autotune(
@@ -204,6 +208,7 @@ def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps):
         HEAD_DIM=D, VALUE_DIM=max(Dv, 1), BLOCK_N=key_block(M), BLOCK_D=head_dim_block(D, max_block_d),
         BLOCK_DV=head_dim_block(Dv, max_block_d) if Dv else 16, BLOCK_S=select_block(S),
         HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_SEL=select is not None, MEAN_HEADS=mean,
+        ALIGNED=aligned8(q, k, v, out if v is not None else None), SPLIT_DOT=not interpreting(),
         DOT_PRECISION=dot_precision(q.dtype), DOT_UPCAST=dot_upcast(q.dtype),
     )
     programs_per_row_block = B if mean else B * H
@@ -214,6 +219,21 @@ def launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps):
     return args, constexprs, grid
 
 
+def allocate(q, k, v, select, mean_heads):
+    """(out, lse, maps) in the layouts of CONTRACT.md: out [B, H, N, Dv] over [B, N, H, Dv] memory
+    (empty when v is None), lse [B, H, N] fp32, maps [B, N, S] / [B, H, N, S] fp32 (or empty)."""
+    B, H, N, _ = q.shape
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out = (torch.empty(B, N, H, v.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
+           if v is not None else q.new_empty(0))
+    if select is None:
+        maps = torch.empty(0, **f32)
+    else:
+        S = select.shape[1]
+        maps = torch.empty((B, N, S) if mean_heads else (B, H, N, S), **f32)
+    return out, torch.empty(B, H, N, **f32), maps
+
+
 def xattn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -222,22 +242,20 @@ def xattn_fwd(
     select: Optional[torch.Tensor],
     scale: float,
     mean_heads: bool,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    maps: torch.Tensor,
-) -> None:
-    """Launch the forward kernel, writing into preallocated ``out``, ``lse`` and ``maps``.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, maps) of one fused pass (layouts: :func:`allocate`), one launch.
 
-    Shapes follow ``semfid.backends.base``: q [B, H, N, D], k [B, H, M, D], v [B, H, M, Dv] or None,
-    bias [B, H, M] fp32 or None, select [B, S] int64 or None; out [B, H, N, Dv] (empty when v is
-    None), lse [B, H, N] fp32, maps [B, H, N, S] / [B, N, S] fp32 (empty when select is None).
-    Any strides are accepted (no copies); ``mean_heads`` without ``select`` is treated as per-head.
+    q [B, H, N, D], k [B, H, M, D], v [B, H, M, Dv] or None, bias [B, H, M] fp32 or None, select
+    [B, S] int64 or None; any strides (no copies). ``mean_heads`` without ``select`` is per-head.
     """
     B, H, N, _ = q.shape
+    out, lse, maps = allocate(q, k, v, select, mean_heads)
     if N == 0 or B == 0 or H == 0:
-        return
+        return out, lse, maps
     args, constexprs, grid = launch_args(q, k, v, bias, select, scale, mean_heads, out, lse, maps)
-    if interpreting():
-        _xattn_fwd_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
-    else:
-        _xattn_fwd_kernel_tuned[grid](*args, **constexprs)
+    with device_guard(q):
+        if interpreting():
+            _xattn_fwd_kernel[grid](*args, **constexprs, **INTERPRETER_CONFIG)
+        else:
+            _xattn_fwd_kernel_tuned[grid](*args, **constexprs)
+    return out, lse, maps

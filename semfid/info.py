@@ -23,7 +23,7 @@ from semfid.backends import ENV_VAR, registered_backends, select_backend
 
 #: flag -> (module whose ``main(argv) -> int`` runs the tool, help); imported only when the flag is given
 TOOLS = {
-    "--compile-check": ("semfid._compile_check",
+    "--compile-check": ("semfid.kernels.compile_check",
                         "compile every Triton kernel config for sm_80/sm_90 and report resources"),
     # csrc/resources.py: a CI tool beside the CUDA sources, importable from the repository root
     "--cuda-resources": ("csrc.resources", "registers/spills/shared memory of the built CUDA kernels"),

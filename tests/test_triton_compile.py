@@ -1,8 +1,8 @@
 """Compile checks of the Triton kernels for sm_80 / sm_90 without a GPU (DESIGN.md §6).
 
-The full matrix (every arch, dtype, SD head dim, mode and reachable autotune config; it must compile
-with zero register spills) is ``python -m semfid.info --compile-check``, which CI runs on its own
-step. To keep CI from paying for it twice, this file compiles only a quick subset through the same
+The full matrix (every arch, dtype, SD head dim, mode and reachable config of the xattn, subject
+and split-sum kernels; it must compile with zero register spills) is ``python -m semfid.info
+--compile-check`` (``semfid.kernels.compile_check``), which CI runs on its own step. To keep CI from paying for it twice, this file compiles only a quick subset through the same
 entry point (fp16, head dim 64, every mode, both archs: ~20 compiles) and checks the autotuning
 policy the full check relies on in plain Python (no compile).
 """
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "semfid._compile_check", *args],
+    return subprocess.run([sys.executable, "-m", "semfid.kernels.compile_check", *args],
                           capture_output=True, text=True, timeout=900)
 
 
@@ -35,7 +35,8 @@ def test_fp16_d64_configs_compile_without_spills_for_sm80_and_sm90():
     failed = [line for line in lines if line.startswith("FAIL")]
     assert not failed, "configs failed to compile:\n" + "\n".join(failed)
     for arch in ("sm_80", "sm_90"):
-        for mode in ("target", "reference", "per_head", "plain", "out+maps", "maps", "out"):
+        for mode in ("target", "reference", "per_head", "plain", "out+maps", "maps", "out",
+                     "subj_mean", "subj_mapr", "subj_head", "split-sum"):
             assert any(arch in line and f" {mode} " in line for line in lines), (arch, mode)
     for line in lines:  # every line reports the compiler's numbers
         assert re.search(r"regs=\d+ +spill_bytes=\d+ +shared=\d+", line), line
@@ -99,9 +100,7 @@ def test_prune_keeps_the_sd_tiles_within_the_register_budget():
             kept = U.candidate_configs(_named(dtype, 128, 4096), backward)
             assert {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept} == expected, (backward, dtype)
     fwd = importlib.import_module("semfid.kernels.xattn_fwd")
-    bwd = importlib.import_module("semfid.kernels.xattn_bwd")
     assert fwd._xattn_fwd_kernel_tuned.early_config_prune is U.prune_fwd_configs
-    assert bwd._xattn_bwd_kernel_tuned.early_config_prune is U.prune_bwd_configs
 
 
 def test_measured_spill_exclusions_are_honoured():
@@ -112,3 +111,57 @@ def test_measured_spill_exclusions_are_honoured():
         for n_bucket in (64, 256, 1024, 4096):
             kept = U.candidate_configs(_named(dtype, 128, n_bucket, head_dim, **flags), backward)
             assert kept and config not in {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept}
+
+
+# ---- grids and reproducibility (pure Python) -----------------------------------------------------
+# (B, H, N, D, S) of the SD cross-attention layers at batch 2 (SD1.5 512 px, SDXL 1024 px).
+SD_LAYERS = [(2, 8, 4096, 40, 2), (2, 8, 1024, 80, 2), (2, 8, 256, 160, 2), (2, 8, 64, 160, 2),
+             (2, 10, 4096, 64, 2), (2, 20, 1024, 64, 2), (2, 8, 4096, 40, 77)]
+
+
+def test_subject_grids_per_sd_shape():
+    """Head-mean grids (one program per row block and batch item, looping over heads) reach 128+
+    programs on the 4096- and 1024-query layers (132 SMs on an H100/H200); printed per shape."""
+    import torch
+
+    fwd = importlib.import_module("semfid.kernels.subject_fwd")
+    C = importlib.import_module("semfid.kernels._common")
+    for B, H, N, D, S in SD_LAYERS:
+        q = torch.empty(B, H, N, D, dtype=torch.float16, device="meta")
+        rows = []
+        for mean in (True, False):
+            block_m, warps = fwd.config(q, mean, S)
+            gx, gy = fwd.grid(q, mean, block_m)
+            rows.append(f"{'mean' if mean else 'per-head'} grid ({gx}, {gy}) = {gx * gy} programs "
+                        f"(BLOCK_M {block_m}, {warps} warps)")
+            if N >= 1024:
+                assert gx * gy >= 128, (B, H, N, D, S, mean)
+        splits, per_split = C.backward_splits(N, B * H)
+        print(f"B={B} H={H} N={N} D={D} S={S}: " + "; ".join(rows)
+              + f"; backward ({splits}, {B * H}) = {splits * B * H} programs")
+
+
+def test_backward_splits_and_tiles_depend_on_shapes_only():
+    """dk/dv bits depend on the splits and the tile order: both come from the shapes (no device,
+    SM count or autotune run enters), and xattn's backward runs one fixed config per shape."""
+    import inspect
+
+    import torch
+
+    C = importlib.import_module("semfid.kernels._common")
+    sig = inspect.signature(C.backward_splits)
+    assert list(sig.parameters) == ["num_queries", "batch_heads"]
+    assert C.backward_splits(4096, 16) == C.backward_splits(4096, 16)
+    for N in (1, 17, 130, 1024, 4096):
+        splits, rows = C.backward_splits(N, 16)
+        assert rows % C.BWD_ROW_GRANULE == 0 and (splits - 1) * rows < N <= splits * rows
+    bwd = importlib.import_module("semfid.kernels.xattn_bwd")
+    assert not hasattr(bwd, "_xattn_bwd_kernel_tuned")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        named = _named(dtype, 128, 4096)
+        args = [named.get(n) for n in bwd._xattn_bwd_kernel.arg_names]
+        cfg = bwd.fixed_config(args, {})
+        kept = _utils().candidate_configs(named, True)
+        assert cfg == kept[0], "the backward runs the policy's first config, never a tuned one"
+    sub = importlib.import_module("semfid.kernels.subject_bwd")
+    assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 2) == (32, 4)

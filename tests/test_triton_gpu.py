@@ -103,3 +103,68 @@ def test_backward_bitwise_deterministic_over_20_runs():
             assert torch.equal(a, b)
         out2, maps2 = semfid.cross_attention(q, k, v, attn_bias=bias, select=[5, 6], backend="triton")
         assert torch.equal(out2, out) and torch.equal(maps2, maps)
+
+
+@pytest.mark.parametrize("head_reduce", ["mean", "none"])
+@pytest.mark.parametrize("shape", SD_SHAPES[:2] + SD_SHAPES[4:5], ids=lambda s: "B{}H{}N{}M{}D{}".format(*s))
+def test_subject_kernels_sd_shapes(shape, head_reduce):
+    """The one-pass subject op at SD shapes, S = 77 with duplicates, reference not detached."""
+    dtype = torch.float16
+    q, k, v, bias = _inputs(*shape, dtype, seed=3)
+    k_ref = torch.randn_like(k).requires_grad_()
+    tokens = [i % 77 for i in range(76)] + [5]
+    kwargs = dict(tokens=tokens, ref_tokens=tokens[::-1], attn_bias=bias, head_reduce=head_reduce,
+                  detach_reference=False, return_maps=True)
+    got = semfid.subject_attention(q, k, v, k_ref, backend="triton", **kwargs)
+    ref = subject_ref(q, k, v, k_ref, **kwargs)
+    plain = subject_ref(q, k, v, k_ref, upcast=False, **kwargs)
+    _check(("out", "loss", "maps"), got, ref, plain, dtype)
+    inputs = (q, k, v, k_ref)
+    w = torch.randn_like(ref[0])
+
+    def grads(o, lo, m):
+        return torch.autograd.grad((o.float() * w).sum() + 1e3 * lo.float().sum() + m.float().sum(), inputs)
+
+    _check(("dq", "dk", "dv", "dk_ref"), grads(*got), grads(*ref), grads(*plain), dtype)
+
+
+_HASH_SCRIPT = r"""
+import hashlib, torch, semfid
+g = torch.Generator(device="cuda").manual_seed(0)
+B, H, N, M, D = 2, 8, 4096, 77, 40
+q, k, v, kr = (torch.randn(B, n, H, D, device="cuda", generator=g).half().transpose(1, 2).requires_grad_()
+               for n in (N, M, M, M))
+out, loss = semfid.subject_attention(q, k, v, kr, tokens=[5, 6], detach_reference=False, backend="triton")
+o2, maps = semfid.cross_attention(q, k, v, select=[5, 6], backend="triton")
+grads = torch.autograd.grad(out.float().sum() + 1e3 * loss.sum() + maps.sum() + o2.float().sum(), (q, k, v, kr))
+h = hashlib.sha256()
+for t in grads + (loss,):
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+print("HASH", h.hexdigest())
+"""
+
+
+def test_backward_bits_equal_in_two_fresh_processes():
+    """dk/dv/dk_ref bits must not depend on an autotune run or the process (issue 11 item 4)."""
+    import subprocess
+
+    hashes = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", _HASH_SCRIPT], capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert res.returncode == 0, res.stderr[-3000:]
+        hashes.append([line for line in res.stdout.splitlines() if line.startswith("HASH")][-1])
+    assert hashes[0] == hashes[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_q_on_second_gpu_launches_there():
+    """q on cuda:1 while cuda:0 is current: the launch runs on cuda:1 (its current stream)."""
+    with torch.cuda.device(0):
+        q, k, v = (torch.randn(1, 2, n, 64, device="cuda:1", dtype=torch.float16) for n in (130, 77, 77))
+        k_ref = torch.randn_like(k)
+        out, loss = semfid.subject_attention(q, k, v, k_ref, tokens=[1, 2], backend="triton")
+        ref_out, ref_loss = subject_ref(q, k, v, k_ref, tokens=[1, 2])
+        assert out.device == q.device
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(loss, ref_loss.float(), atol=1e-6, rtol=1e-2)

@@ -14,9 +14,9 @@ from typing import List, Optional
 
 import torch
 
-from .._inputs import XattnInputs
+from .._inputs import SubjectInputs, XattnInputs
 from . import register_backend
-from .base import BackendBase, BackwardResult, ForwardResult, empty_forward_outputs
+from .base import BackendBase, BackwardResult, ForwardResult, SubjectBackwardResult, SubjectForwardResult
 
 _UNSET = object()
 _import_error: object = _UNSET
@@ -53,6 +53,7 @@ class TritonBackend(BackendBase):
     PRIORITY = 10
     # Not validated on a GPU yet: "auto" must not pick it (see module docstring).
     AUTO_DEVICES = frozenset()
+    SELF_VALIDATED = True  # auto takes it on a GPU where semfid.selftest passed
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -85,22 +86,29 @@ class TritonBackend(BackendBase):
 
     @staticmethod
     def forward(inp: XattnInputs) -> ForwardResult:
-        out, lse, maps = empty_forward_outputs(inp.q, inp.k, inp.v, inp.select, inp.mean_heads)
-        _kernels().xattn_fwd(
+        return _kernels().xattn_fwd(
             inp.q, _as_unit_stride(inp.k), _as_unit_stride(inp.v), inp.bias, inp.select, inp.scale,
-            inp.mean_heads, out, lse, maps,
+            inp.mean_heads,
         )
-        return out, lse, maps
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
-        dq, dk, dv = _kernels().xattn_bwd(
-            inp.q, _as_unit_stride(inp.k), _as_unit_stride(inp.v), inp.bias, inp.select, inp.scale,
-            inp.mean_heads, out, lse, dout, dmaps,
+        return _kernels().xattn_bwd(
+            inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads, out, lse, dout, dmaps,
         )
-        # The contract: gradients with their inputs' strides.
-        dq = dq if dq.stride() == inp.q.stride() else torch.empty_like(inp.q).copy_(dq)
-        dk = dk if dk.stride() == inp.k.stride() else torch.empty_like(inp.k).copy_(dk)
-        if inp.v is not None and dv.stride() != inp.v.stride():
-            dv = torch.empty_like(inp.v).copy_(dv)
-        return dq, dk, dv
+
+    @staticmethod
+    def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        return _kernels().subject_fwd(
+            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps,
+        )
+
+    @staticmethod
+    def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss,
+                         dmaps) -> SubjectBackwardResult:
+        return _kernels().subject_bwd(
+            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, out, lse, lse_ref, diff,
+            dout, dloss, dmaps,
+        )

@@ -1,6 +1,9 @@
 """Compile every Triton kernel configuration for sm_80 / sm_90 without a GPU (``--compile-check``).
 
-For the forward and backward kernels, every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
+Lives beside the kernels it verifies (``python -m semfid.kernels.compile_check``; ``python -m
+semfid.info --compile-check`` calls it) and imports only torch and triton. For the xattn forward and
+backward kernels, the one-pass subject kernels (with S in {1, 16, 77} selected tokens) and the
+split-sum kernel, every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
 (fp16, bf16, fp32), mode (forward: target pass / reference maps-only pass / per-head maps / plain;
 backward: output+maps / maps-only / output-only) and every autotune config the autotuner may pick
 for 77 keys at the SD query counts (64 .. 4096), this builds a cubin with
@@ -13,7 +16,7 @@ the compiler). Exit status: 0 when every config compiles and no fp16/bf16 config
 1 otherwise; fp32 configs that spill are listed as a warning (exact-fp32 dots hold both operands in
 registers, and the SD workloads this gate protects run in fp16/bf16).
 
-Usage: ``python -m semfid._compile_check [--arch 80,90] [--head-dims 40,64,80,160,256]
+Usage: ``python -m semfid.kernels.compile_check [--arch 80,90] [--head-dims 40,64,80,160,256]
 [--dtypes fp16,bf16,fp32] [--quick] [--only REGEX] [-j N]`` (``--quick``: only the target-pass /
 output+maps modes; ``--only``: configs whose printed label matches; ``-j``: parallel compiles).
 Identical specialisations (same kernel, signature, constexprs, arch and config) compile once.
@@ -22,6 +25,7 @@ Identical specialisations (same kernel, signature, constexprs, arch and config) 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -33,7 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 SD_HEAD_DIMS = (40, 64, 80, 160, 256)  # SD1.5: 40/80/160; SDXL: 64; 256 = the kernels' limit
 NUM_KEYS = 77  # CLIP text tokens
-NUM_SELECTED = 2
+NUM_SELECTED = 2  # xattn kernels
+SUBJECT_SELECTED = (1, 16, 77)  # subject kernels: one token, a long list, every CLIP token
 # SD query counts (SD1.5 at 512 px: 4096/1024/256/64; SDXL at 1024 px: 4096/1024). Every bucket is
 # handed to the prune: the union of the configs it keeps is what the check compiles.
 QUERY_BUCKETS = (64, 256, 1024, 4096)
@@ -51,6 +56,18 @@ BWD_MODES = {
     "out": dict(HAS_DO=True, HAS_G=False),
 }
 
+
+# subject modes: (mean_heads, detach_reference, return_maps)
+SUBJECT_FWD_MODES = {
+    "subj_mean": (True, True, False),      # SeFi-IDE's training default
+    "subj_mapr": (True, False, True),      # reference gets gradients (lse_ref), maps returned
+    "subj_head": (False, True, True),      # per-head maps
+}
+SUBJECT_BWD_MODES = {
+    "subj_mean": (True, True, False),
+    "subj_mapr": (True, False, True),      # dk_ref and the map gradient
+    "subj_head": (False, False, True),     # per-head diff recomputed, dk_ref
+}
 
 _TYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 _SIG_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32",
@@ -92,8 +109,6 @@ def _sd_tensors(head_dim: int, dtype: str, mean: bool, with_v: bool, with_sel: b
     bias is [B, 1, M] expanded over heads, tokens are one [S] list shared by the batch)."""
     import torch
 
-    from semfid.backends.base import empty_forward_outputs
-
     dt = getattr(torch, _TYPES[dtype].split(".")[1])
     B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), max(QUERY_BUCKETS), NUM_KEYS, head_dim
     meta = dict(device="meta", dtype=dt)
@@ -103,46 +118,130 @@ def _sd_tensors(head_dim: int, dtype: str, mean: bool, with_v: bool, with_sel: b
     bias = torch.empty(B, 1, M, device="meta").expand(B, H, M)
     select = torch.empty(NUM_SELECTED, device="meta", dtype=torch.int64).expand(B, NUM_SELECTED) \
         if with_sel else None
-    out, lse, maps = empty_forward_outputs(q, k, v, select, mean)
+    out, lse, maps = importlib.import_module("semfid.kernels.xattn_fwd").allocate(q, k, v, select, mean)
     return q, k, v, bias, select, out, lse, maps
+
+
+def _subject_tensors(head_dim: int, dtype: str, num_queries: int, num_selected: int, mean: bool,
+                     detach: bool, maps: bool):
+    """Meta tensors of one SD subject-op launch (diffusers layouts, as :func:`_sd_tensors`) and
+    the forward outputs its launcher allocates."""
+    import torch
+
+    fwd = importlib.import_module("semfid.kernels.subject_fwd")
+    dt = getattr(torch, _TYPES[dtype].split(".")[1])
+    B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), num_queries, NUM_KEYS, head_dim
+    meta = dict(device="meta", dtype=dt)
+    q, k, v, k_ref = (torch.empty(B, n, H, D, **meta).transpose(1, 2) for n in (N, M, M, M))
+    bias = torch.empty(B, 1, M, device="meta").expand(B, H, M)
+    tokens = torch.empty(num_selected, device="meta", dtype=torch.int64).expand(B, num_selected)
+    block_m, warps = fwd.config(q, mean, num_selected)
+    outs = fwd.allocate(q, v, tokens, mean, detach, maps, block_m)
+    return (q, k, v, k_ref, bias, tokens), outs, (block_m, warps)
+
+
+def _subject_jobs(arch: int, dtype: str, d: int, quick: bool):
+    """The subject kernels' launches: their tiles are fixed per shape class (no autotuning), so
+    each (mode, S, query count) compiles exactly the config a launch runs."""
+    import torch
+
+    fwd = importlib.import_module("semfid.kernels.subject_fwd")
+    bwd = importlib.import_module("semfid.kernels.subject_bwd")
+    C = importlib.import_module("semfid.kernels._common")
+    fwd_modes = {"subj_mean": SUBJECT_FWD_MODES["subj_mean"]} if quick else SUBJECT_FWD_MODES
+    bwd_modes = {"subj_mean": SUBJECT_BWD_MODES["subj_mean"]} if quick else SUBJECT_BWD_MODES
+    for S in SUBJECT_SELECTED:
+        for mode, (mean, detach, maps) in fwd_modes.items():
+            seen = set()
+            for n in QUERY_BUCKETS:
+                (q, k, v, kr, bias, tok), outs, (bm, w) = _subject_tensors(d, dtype, n, S, mean, detach, maps)
+                if (bm, w) in seen:
+                    continue
+                seen.add((bm, w))
+                out, lse, lse_ref, mp, diff, part = outs
+                args, cx = fwd.launch_args(q, k, v, kr, bias, bias, tok, tok, None, d ** -0.5, mean,
+                                           detach, maps, out, lse, lse_ref, mp, diff, part, bm)
+                cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
+                yield (f"fwd sm_{arch} {dtype} D={d:<3} {mode:<9} S={S:<2} BLOCK_M={bm:<3} warps={w} "
+                       f"stages=1", fwd._subject_fwd_kernel, args, cx, w, 1, arch, d)
+        for mode, (mean, detach, maps) in bwd_modes.items():
+            (q, k, v, kr, bias, tok), outs, _ = _subject_tensors(d, dtype, max(QUERY_BUCKETS), S, mean,
+                                                                 detach, maps)
+            out, lse, lse_ref, mp, diff, _ = outs
+            bm, w = bwd.config(q, not detach or not mean, S)
+            splits, rows = C.backward_splits(q.shape[2], q.shape[0] * q.shape[1])
+            dout = torch.empty_like(out)
+            dloss = torch.empty(q.shape[0], device="meta")
+            dq, dk_part, dv_part, dkr_part = bwd.allocate(q, k, v, kr, splits, True, not detach)
+            args, cx = bwd.launch_args(q, k, v, kr, bias, bias, tok, tok, None, d ** -0.5, mean, detach,
+                                       lse, lse_ref, diff, dout, dloss, mp if maps else None, dq,
+                                       dk_part, dv_part, dkr_part, rows, bm)
+            cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
+            yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} S={S:<2} BLOCK_M={bm:<3} warps={w} "
+                   f"stages=1", bwd._subject_bwd_kernel, args, cx, w, 1, arch, d)
+
+
+def _sum_job(arch: int, dtype: str):
+    """The split-sum kernel writing a gradient of this dtype (diffusers-layout strides)."""
+    import torch
+
+    C = importlib.import_module("semfid.kernels._common")
+    dt = getattr(torch, _TYPES[dtype].split(".")[1])
+    part = torch.empty(4, 2, 8, NUM_KEYS, 40, device="meta")
+    out = torch.empty(2, NUM_KEYS, 8, 40, device="meta", dtype=dt).transpose(1, 2)
+    args = (part, out, 4, 8, NUM_KEYS, 40, *out.stride())
+    return (f"sum sm_{arch} {dtype} split-sum BLOCK={C._SUM_BLOCK} warps=4 stages=1",
+            C._sum_splits_kernel, args, dict(BLOCK=C._SUM_BLOCK), 4, 1, arch, 0)
 
 
 def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str], quick: bool):
     """Yield (label, kernel, args, constexprs, num_warps, num_stages, arch, head dim) per config."""
     import torch
 
-    import importlib
-
     # importlib, not `from semfid.kernels import xattn_fwd`: the package re-exports launchers with
     # the same names as the modules.
     U = importlib.import_module("semfid.kernels._utils")
+    C = importlib.import_module("semfid.kernels._common")
     xattn_fwd = importlib.import_module("semfid.kernels.xattn_fwd")
     xattn_bwd = importlib.import_module("semfid.kernels.xattn_bwd")
 
-    def configs(fn, args, cx, backward: bool) -> List[Tuple[int, int, int]]:
-        """(BLOCK_M, warps, stages) the autotuner may pick for this launch: the kernels' own prune
-        function applied to the launch's arguments (one rule, shared with the autotuner)."""
+    def configs(fn, args, cx) -> List[Tuple[int, int, int]]:
+        """(BLOCK_M, warps, stages) the forward autotuner may pick for this launch: the kernel's
+        own prune function applied to the launch's arguments (one rule, shared with the autotuner)."""
         found: List[Tuple[int, int, int]] = []
         for bucket in QUERY_BUCKETS:
             named = dict(zip(fn.arg_names, args), **cx, N_BUCKET=bucket)
-            for c in U.candidate_configs(named, backward):
+            for c in U.candidate_configs(named, False):
                 key = (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
                 if key not in found:
                     found.append(key)
+        return found
+
+    def fixed_configs(fn, args, cx) -> List[Tuple[int, int, int]]:
+        """The one config the xattn backward runs, per query bucket (``fixed_config``)."""
+        found: List[Tuple[int, int, int]] = []
+        for bucket in QUERY_BUCKETS:
+            named = list(args)
+            named[fn.arg_names.index("N_BUCKET")] = bucket
+            c = xattn_bwd.fixed_config(named, cx)
+            key = (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+            if key not in found:
+                found.append(key)
         return found
 
     fwd_modes = {"target": FWD_MODES["target"]} if quick else FWD_MODES
     bwd_modes = {"out+maps": BWD_MODES["out+maps"]} if quick else BWD_MODES
     for arch in arches:
         for dtype in dtypes:
+            yield _sum_job(arch, dtype)
             for d in head_dims:
                 for mode, f in fwd_modes.items():
                     q, k, v, bias, sel, out, lse, maps = _sd_tensors(
                         d, dtype, f["MEAN_HEADS"], f["HAS_V"], f["HAS_SEL"])
                     args, cx, _ = xattn_fwd.launch_args(q, k, v, bias, sel, d ** -0.5, f["MEAN_HEADS"],
                                                         out, lse, maps)
-                    cx["DOT_UPCAST"] = False
-                    for (bm, w, st) in configs(xattn_fwd._xattn_fwd_kernel, args, cx, False):
+                    cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
+                    for (bm, w, st) in configs(xattn_fwd._xattn_fwd_kernel, args, cx):
                         yield (f"fwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
                                f"stages={st}", xattn_fwd._xattn_fwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
@@ -150,15 +249,16 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
                     q, k, v, bias, sel, out, lse, maps = _sd_tensors(d, dtype, True, True, True)
                     dout = torch.empty_like(out) if f["HAS_DO"] else None
                     dmaps = torch.empty_like(maps) if f["HAS_G"] else None
-                    splits, rows = U.backward_splits(q.shape[2], q.shape[0] * q.shape[1], q.device)
+                    splits, rows = C.backward_splits(q.shape[2], q.shape[0] * q.shape[1])
                     dq, dk_part, dv_part = xattn_bwd.allocate(q, k, v, f["HAS_DO"], splits)
                     args, cx = xattn_bwd.launch_args(q, k, v, bias, sel, d ** -0.5, True, out, lse,
                                                      dout, dmaps, dq, dk_part, dv_part, rows)
-                    cx["DOT_UPCAST"] = False
-                    for (bm, w, st) in configs(xattn_bwd._xattn_bwd_kernel, args, cx, True):
+                    cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
+                    for (bm, w, st) in fixed_configs(xattn_bwd._xattn_bwd_kernel, args, cx):
                         yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
                                f"stages={st}", xattn_bwd._xattn_bwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
+                yield from _subject_jobs(arch, dtype, d, quick)
 
 
 def _tool(name: str) -> Optional[str]:
@@ -248,7 +348,8 @@ def _run(args: argparse.Namespace) -> int:
             _JOBS.append(job)
         owner.append(first[key])
     print(f"triton {triton.__version__}: {len(jobs)} semfid kernel configs, {len(_JOBS)} distinct "
-          f"compiles (M={NUM_KEYS} keys, S={NUM_SELECTED} selected, query buckets "
+          f"compiles (M={NUM_KEYS} keys, S={NUM_SELECTED} selected for xattn, S in "
+          f"{list(SUBJECT_SELECTED)} for subject, query buckets "
           f"{list(QUERY_BUCKETS)}, {args.jobs} processes)", flush=True)
     failures, spilling = [], []
     ctx = multiprocessing.get_context("fork")
@@ -295,7 +396,7 @@ def _report(results, failures: List[str], spilling: List[str]) -> None:
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m semfid._compile_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m semfid.kernels.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=ints, default=[80, 90], help="compute capabilities (default 80,90)")
     p.add_argument("--head-dims", type=ints, default=list(SD_HEAD_DIMS))
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
@@ -320,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the interpreter would bypass the compiler
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
-    cmd = [sys.executable, "-m", "semfid._compile_check", "--in-process",
+    cmd = [sys.executable, "-m", "semfid.kernels.compile_check", "--in-process",
            "--arch", ",".join(map(str, args.arch)), "--head-dims", ",".join(map(str, args.head_dims)),
            "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs), "--only", args.only] + (["--quick"] if args.quick else [])
     start = time.monotonic()
