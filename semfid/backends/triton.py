@@ -10,7 +10,7 @@ Once ``tests/test_triton_gpu.py`` passes on real hardware, set ``AUTO_DEVICES = 
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -78,10 +78,16 @@ class TritonBackend(BackendBase):
         return "opt-in: compiled for sm_80/sm_90, not yet validated on a GPU"
 
     @classmethod
-    def not_supported_reasons(cls, inp: XattnInputs) -> List[str]:
+    def not_supported_reasons(cls, inp: Union[XattnInputs, SubjectInputs]) -> List[str]:
         reasons = super().not_supported_reasons(inp)
         if inp.device.type == "cpu" and "cpu" not in cls.SUPPORTED_DEVICES:
             reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+        if isinstance(inp, SubjectInputs) and not inp.mean_heads and inp.device.type != "cpu":
+            # Compiled for a GPU, the per-head subject backward holds A_t, A_r and both P / dS
+            # tiles at once and spills registers on sm_80 / sm_90 at every tile the compile check
+            # tried (16-32 rows, 4-16 warps); the interpreter runs it (and tests it) on CPU.
+            reasons.append("head_reduce='none' subject maps: the per-head backward kernel spills "
+                           "registers on sm_80/sm_90 (python -m semfid.info --compile-check)")
         return reasons
 
     @staticmethod
