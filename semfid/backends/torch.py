@@ -19,7 +19,7 @@ gather picks A_t and A_r, and in backward one matmul ``dS₂ · [k, k_ref]`` sum
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
