@@ -201,7 +201,7 @@ def _checked_max(tokens, sel: torch.Tensor, M: int, name: str) -> int:
         return max(flat)
     if _is_tracing(sel):
         return 0
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one reduction, one host sync
     _check_range(name, lo, hi, M)
     return hi
 
