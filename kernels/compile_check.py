@@ -437,7 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     cmd = [sys.executable, "-m", "semfid.kernels.compile_check", "--in-process",
            "--arch", ",".join(map(str, args.arch)), "--head-dims", ",".join(map(str, args.head_dims)),
-           "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs), "--only", args.only] + (["--quick"] if args.quick else [])
+           "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs), "--only", args.only] + (["--quick"] if args.quick else []) \
+        + (["--strict"] if args.strict else [])
     start = time.monotonic()
     status = subprocess.call(cmd, env=env)
     print(f"compile check: exit status {status}, {time.monotonic() - start:.0f} s wall "

@@ -254,9 +254,9 @@ def config(q: torch.Tensor, both_key_sets: bool, num_selected: int) -> Tuple[int
     (sm_90, fp16) measured spills with 4 warps / 32 rows on those."""
     heavy = num_selected > 16 or q.shape[-1] > 128
     block_m = 16 if (both_key_sets and heavy) else 32
-    if num_selected > 1:  # sm_80 fp16 D=64 S=16 at 32 rows x 4 warps: 255 regs + 24 B spilled
-        heavy = True
-    return block_m, 8 if (both_key_sets or heavy or q.dtype == torch.float32) else 4
+    # 8 warps beyond one token too: sm_80 fp16 D=64 S=16 at 32 rows x 4 warps spilled 24 B.
+    eight_warps = both_key_sets or heavy or num_selected > 1 or q.dtype == torch.float32
+    return block_m, 8 if eight_warps else 4
 
 
 def allocate(q, k, v, k_ref, splits, has_do, ref_grad):

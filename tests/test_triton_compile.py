@@ -194,4 +194,5 @@ def test_backward_splits_and_tiles_depend_on_shapes_only():
         kept = _utils().candidate_configs(named, True)
         assert cfg == kept[0], "the backward runs the policy's first config, never a tuned one"
     sub = importlib.import_module("semfid.kernels.subject_bwd")
-    assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 2) == (32, 4)
+    assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 1) == (32, 4)
+    assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 2) == (32, 8)

@@ -65,7 +65,7 @@ class CudaBackend(BackendBase):
         reason = _cpp_lib.unavailable_reason()
         if reason is not None:
             return ("not built: " if _cpp_lib.is_missing() else "built but not loadable: ") + reason
-        return ("compiled, never run on a GPU by its authors: auto takes it on a GPU where "
+        return ("compiled, not yet validated on a GPU by its authors: auto takes it on a GPU where "
                 "`python -m semfid.selftest --backend cuda` passed; else opt-in (backend='cuda')")
 
     @classmethod
