@@ -136,7 +136,8 @@ _subject_fwd = torch.library.custom_op("semfid::subject_fwd", mutates_args=())(_
 @_subject_fwd.register_fake
 def _subject_fwd_fake(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, scale,
                       mean_heads, detach_reference, return_maps, backend):
-    return empty_subject_outputs(q, v, tokens, mean_heads, detach_reference, return_maps)
+    return empty_subject_outputs(q, v, tokens, mean_heads, detach_reference, return_maps,
+                                 get_backend(backend).SUBJECT_SAVES_LSE)
 
 
 def _subject_bwd_impl(

@@ -23,7 +23,9 @@ subject-wise attention loss (SeFi-IDE). With A_t = P_t[..., tokens], A_r = P_r[.
     loss[b] = Σ w[b, s] · diff² / (N · (1 if mean_heads else H))        [B] acc
 
     out, lse as above; lse_ref [B, H, N] acc when the reference is not detached or the maps are
-    per head (empty otherwise); maps = A_t when return_maps (empty otherwise); diff [B, N, S] acc
+    per head (empty otherwise). lse and lse_ref only exist for the backend's own backward (the
+    op runs backward on the backend of its forward): a backend whose backward recomputes P
+    without them (``SUBJECT_SAVES_LSE = False``) returns both empty; maps = A_t when return_maps (empty otherwise); diff [B, N, S] acc
     when mean_heads (the head mean needs every head: saved for backward), empty otherwise.
 ``subject_backward(inp, out, lse, lse_ref, diff, dout, dloss, dmaps) -> (dq, dk, dv, dk_ref)``:
     c = 2 · dloss[b] / (N · H_red); G_t = c · w · diff (+ dmaps), G_r = −c · w · diff (only when
@@ -126,14 +128,18 @@ def empty_subject_outputs(
     mean_heads: bool,
     detach_reference: bool,
     return_maps: bool,
+    saves_lse: bool = True,
 ) -> SubjectForwardResult:
-    """Allocate ``(out, lse, lse_ref, loss, maps, diff)`` of ``subject_forward`` (see above)."""
+    """Allocate ``(out, lse, lse_ref, loss, maps, diff)`` of ``subject_forward`` (see above);
+    ``saves_lse`` is the backend's ``SUBJECT_SAVES_LSE``."""
     B, S = q.shape[0], tokens.shape[1]
     acc = accumulation_dtype(q.dtype)
-    lse_ref = empty_lse(q) if keeps_lse_ref(mean_heads, detach_reference) else nothing(q)
+    lse = empty_lse(q) if saves_lse else nothing(q)
+    keep_ref = saves_lse and keeps_lse_ref(mean_heads, detach_reference)
+    lse_ref = empty_lse(q) if keep_ref else nothing(q)
     maps = empty_maps(q, S, mean_heads) if return_maps else nothing(q)
     diff = empty_maps(q, S, True) if mean_heads else nothing(q)
-    return empty_output(q, v), empty_lse(q), lse_ref, q.new_empty(B, dtype=acc), maps, diff
+    return empty_output(q, v), lse, lse_ref, q.new_empty(B, dtype=acc), maps, diff
 
 
 def empty_subject_grads(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor,
@@ -193,6 +199,9 @@ class BackendBase:
     #: Whether ``"auto"`` may also pick it on a CUDA device where :mod:`semfid.selftest` has a
     #: passing verdict for it (shipped, cached or run on first use).
     SELF_VALIDATED: ClassVar[bool] = False
+    #: Whether ``subject_forward`` returns lse / lse_ref (its backward reads them); False for a
+    #: backend whose backward recomputes P with a softmax, which then returns both empty.
+    SUBJECT_SAVES_LSE: ClassVar[bool] = True
 
     # ---- availability -------------------------------------------------------------------------
     @classmethod

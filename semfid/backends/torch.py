@@ -35,7 +35,6 @@ from .base import (
     empty_output,
     empty_subject_grads,
     empty_subject_outputs,
-    keeps_lse_ref,
     nan_rows,
     nothing,
 )
@@ -208,6 +207,29 @@ class _SubjectKeys:
         dp.view(B, H, c, -1).scatter_add_(-1, _map_index(self.index, H, c), g)
 
 
+# BLAS writes an output with a narrow last dimension several times slower than its transpose
+# (measured 5x for [256, 77] x [77, 4] on this project's 2-core CPU; even at 16 and above).
+_NARROW = 16
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for [batch, n, k] x [batch, k, m]; a narrow product (m < 16 < n) is computed as
+    (bᵀ · aᵀ)ᵀ and returned as that transposed view."""
+    if b.shape[-1] < _NARROW < a.shape[-2]:
+        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(a, b)
+
+
+def _add_bmm(total: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """total + a @ b, in place in the orientation :func:`_bmm` gave ``total`` (None: a @ b)."""
+    if total is None:
+        return _bmm(a, b)
+    if total.is_contiguous():
+        return total.baddbmm_(a, b)
+    total.transpose(1, 2).baddbmm_(b.transpose(1, 2), a.transpose(1, 2))
+    return total
+
+
 def _weighted_square_sum(d: Tensor, weights: Optional[Tensor]) -> Tensor:
     """[B]: Σ over every non-batch dim of w[b, s] · d²  (d [B, (H,) c, S])."""
     sq = d.square()
@@ -241,6 +263,9 @@ class TorchBackend(BackendBase):
     PRIORITY = 100
     # The portable fallback: auto may always take it, even where faster backends are unvalidated.
     AUTO_DEVICES = frozenset({"cpu", "cuda"})
+
+    # Its subject backward recomputes P with the forward's softmax: no lse to save.
+    SUBJECT_SAVES_LSE = False
 
     @classmethod
     def status(cls) -> str:
@@ -309,19 +334,13 @@ class TorchBackend(BackendBase):
         keys = _SubjectKeys(inp, paired=True)
         S = inp.num_selected
         out, lse, lse_ref, _, maps, diff = empty_subject_outputs(
-            q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps)
-        keep_ref = keeps_lse_ref(inp.mean_heads, inp.detach_reference)
+            q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps,
+            saves_lse=False)
         loss = None
         for rows in _chunks(N, _chunk_rows(B, H, 2 * keys.width)):
-            s, p = keys.probabilities(keys.queries(q, rows))
+            _, p = keys.probabilities(keys.queries(q, rows))
             c = p.shape[1]
-            row_lse = _row_lse(s, p)  # [B·H, c, 2]
-            if keys.dead_rows is not None:
-                row_lse.masked_fill_(keys.dead_rows[..., 0], float("inf"))
-            lse[:, :, rows] = row_lse[..., 0].view(B, H, c)
-            if keep_ref:
-                lse_ref[:, :, rows] = row_lse[..., 1].view(B, H, c)
-            out[:, :, rows] = torch.bmm(p[:, :, 0, :], keys.v).view(B, H, c, -1)
+            out[:, :, rows] = _bmm(p[:, :, 0, :], keys.v).view(B, H, c, -1)
             a = keys.gather_maps(p, inp.mean_heads)
             d = a[..., :S] - a[..., S:]
             if inp.mean_heads:
@@ -346,6 +365,10 @@ class TorchBackend(BackendBase):
         keys = _SubjectKeys(inp, paired=paired)
         factor = _map_grad_scale(inp, dloss, keys.acc)
         W = keys.width
+        # The key columns whose dS reaches dq and dk: the reference segment only when it is not
+        # detached (a detached P_r is recomputed for the per-head diff alone).
+        k_grad = W if inp.detach_reference else keys.segments * W
+        keys_grad = keys.keys[:, :k_grad]
         dkeys = dv = None
         for rows in _chunks(N, _chunk_rows(B, H, keys.segments * W)):
             qc = keys.queries(q, rows)
@@ -356,8 +379,7 @@ class TorchBackend(BackendBase):
             if dout is not None:
                 do_c = keys.queries(dout, rows)
                 dp_t = torch.bmm(do_c, keys.v.transpose(1, 2))
-                p_tt = p_t.transpose(1, 2)
-                dv = torch.bmm(p_tt, do_c) if dv is None else dv.baddbmm_(p_tt, do_c)
+                dv = _add_bmm(dv, p_t.transpose(1, 2), do_c)
             if paired or dp_t is None:
                 dp = p.new_zeros(p.shape)
                 if dp_t is not None:
@@ -367,12 +389,9 @@ class TorchBackend(BackendBase):
             g = _subject_map_grads(inp, keys, p, diff, factor, dmaps, rows)
             if g is not None:
                 keys.scatter_map_grads(dp, g, inp.mean_heads)
-            ds = torch._softmax_backward_data(dp, p, -1, keys.acc).view(B * H, c, -1)
-            if paired and inp.detach_reference:
-                ds[:, :, W:] = 0.0  # no gradient through A_r (P_r was only needed for diff)
-            dq[:, :, rows] = torch.bmm(ds, keys.keys).view(B, H, c, D)
-            ds_t = ds.transpose(1, 2)
-            dkeys = torch.bmm(ds_t, qc) if dkeys is None else dkeys.baddbmm_(ds_t, qc)
+            ds = torch._softmax_backward_data(dp, p, -1, keys.acc).view(B * H, c, -1)[:, :, :k_grad]
+            dq[:, :, rows] = _bmm(ds, keys_grad).view(B, H, c, D)
+            dkeys = _add_bmm(dkeys, ds.transpose(1, 2), qc)
         M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
         dkeys = dkeys.view(B, H, -1, D).mul_(inp.scale)
         dk_out.copy_(dkeys[:, :, :M])
