@@ -34,6 +34,15 @@ BWD_ROW_GRANULE = 64
 
 
 @triton.jit
+def multiple_of_8(stride):
+    """``stride`` in a form Triton's alignment analysis reads as a multiple of 8 elements: the
+    launcher passes ALIGNED only when it is one (:func:`aligned8`), so ``stride // 8 * 8`` is
+    exact. (``tl.multiple_of`` on a kernel argument is dropped: the sm_90 PTX kept 16-bit loads at
+    head dim 40; the product keeps 16-byte vector loads, see ``test_triton_compile``.)"""
+    return stride // 8 * 8
+
+
+@triton.jit
 def row_softmax(s):
     """(P, lse) of a [BLOCK_M, BLOCK_N] fp32 logit tile whose masked keys hold -inf.
 

@@ -299,6 +299,16 @@ def _resources(kernel) -> Tuple[int, int, int]:
     return regs, stack + local, shared
 
 
+def global_load_widths(ptx: str) -> Dict[int, int]:
+    """{bytes per thread: count} of the global loads in a kernel's PTX (``ld.global.v4.b32`` is
+    16 bytes, ``ld.global.b16`` 2): how far its tile loads were vectorised."""
+    widths: Dict[int, int] = {}
+    for vec, bits in re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[a-z]+(\d+)", ptx):
+        size = int(vec or 1) * int(bits) // 8
+        widths[size] = widths.get(size, 0) + 1
+    return widths
+
+
 _JOBS: list = []
 
 
@@ -314,7 +324,7 @@ def _compile_one(index: int):
         signature, constexprs, attrs = _specialize(fn, args, cx, target)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-        return label, d, _resources(kernel)
+        return label, d, _resources(kernel) + (global_load_widths(kernel.asm["ptx"]),)
     except Exception as e:  # report every failure, keep going
         msg = str(e).strip().splitlines()
         return label, d, f"{type(e).__name__}: {msg[0] if msg else ''}"
@@ -398,12 +408,14 @@ def _report(results, failures: List[str], spilling: List[str]) -> None:
             failures.append(label)
             print(f"FAIL {label}: {result}", flush=True)
             continue
-        regs, spills, shared = result
+        regs, spills, shared, loads = result
+        widths = " ".join(f"{n}x{size}B" for size, n in sorted(loads.items(), reverse=True))
         flag = ""
         if spills:  # every checked config is one the autotuner can pick
             spilling.append(label)
             flag = "  <-- SPILLS" + (" (fp32: reported, not fatal)" if " fp32 " in label else "")
-        print(f"ok   {label}: regs={regs:<3} spill_bytes={spills:<5} shared={shared}{flag}", flush=True)
+        print(f"ok   {label}: regs={regs:<3} spill_bytes={spills:<5} shared={shared:<6} "
+              f"global_loads={widths}{flag}", flush=True)
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:

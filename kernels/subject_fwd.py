@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned8, device_guard, exact_dot, fill_block_m, one_hot, row_softmax, select_block
+from ._common import aligned8, multiple_of_8, device_guard, exact_dot, fill_block_m, one_hot, row_softmax, select_block
 from ._utils import dot_precision, dot_upcast, head_dim_block, interpreting, key_block, max_head_dim_block, mma
 
 
@@ -84,21 +84,21 @@ def _subject_fwd_kernel(
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_S >= 16)
     if ALIGNED:  # row starts are 16-byte aligned: keep vector loads at head dim 40 (see aligned8)
-        stride_qb = tl.multiple_of(stride_qb, 8)
-        stride_qh = tl.multiple_of(stride_qh, 8)
-        stride_qm = tl.multiple_of(stride_qm, 8)
-        stride_kb = tl.multiple_of(stride_kb, 8)
-        stride_kh = tl.multiple_of(stride_kh, 8)
-        stride_kn = tl.multiple_of(stride_kn, 8)
-        stride_vb = tl.multiple_of(stride_vb, 8)
-        stride_vh = tl.multiple_of(stride_vh, 8)
-        stride_vn = tl.multiple_of(stride_vn, 8)
-        stride_krb = tl.multiple_of(stride_krb, 8)
-        stride_krh = tl.multiple_of(stride_krh, 8)
-        stride_krn = tl.multiple_of(stride_krn, 8)
-        stride_ob = tl.multiple_of(stride_ob, 8)
-        stride_oh = tl.multiple_of(stride_oh, 8)
-        stride_om = tl.multiple_of(stride_om, 8)
+        stride_qb = multiple_of_8(stride_qb)
+        stride_qh = multiple_of_8(stride_qh)
+        stride_qm = multiple_of_8(stride_qm)
+        stride_kb = multiple_of_8(stride_kb)
+        stride_kh = multiple_of_8(stride_kh)
+        stride_kn = multiple_of_8(stride_kn)
+        stride_vb = multiple_of_8(stride_vb)
+        stride_vh = multiple_of_8(stride_vh)
+        stride_vn = multiple_of_8(stride_vn)
+        stride_krb = multiple_of_8(stride_krb)
+        stride_krh = multiple_of_8(stride_krh)
+        stride_krn = multiple_of_8(stride_krn)
+        stride_ob = multiple_of_8(stride_ob)
+        stride_oh = multiple_of_8(stride_oh)
+        stride_om = multiple_of_8(stride_om)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if MEAN_HEADS:
@@ -276,7 +276,9 @@ def launch_args(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, sca
         BLOCK_D=head_dim_block(D, max_block_d), BLOCK_DV=head_dim_block(Dv, max_block_d),
         BLOCK_S=select_block(S), MEAN_HEADS=bool(mean_heads), HAS_BIAS=bias is not None,
         HAS_RBIAS=ref_bias is not None, HAS_W=weights is not None, WRITE_LSER=write_lser,
-        RETURN_MAPS=bool(return_maps), ALIGNED=aligned8(q, k, v, k_ref, out),
+        # 16-row tiles keep 2-byte loads: there the vector loads' registers made ptxas spill at
+        # head dim 40 on sm_90 (8 B, compile check); no SD shape at head dim 40 runs 16 rows.
+        RETURN_MAPS=bool(return_maps), ALIGNED=block_m > 16 and aligned8(q, k, v, k_ref, out),
         SPLIT_DOT=not interpreting(), DOT_PRECISION=dot_precision(q.dtype),
         DOT_UPCAST=dot_upcast(q.dtype),
     )

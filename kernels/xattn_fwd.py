@@ -26,7 +26,7 @@ from ._utils import (
     prune_fwd_configs,
     query_bucket,
 )
-from ._common import aligned8, device_guard, exact_dot, one_hot, row_softmax, select_block
+from ._common import aligned8, multiple_of_8, device_guard, exact_dot, one_hot, row_softmax, select_block
 
 
 
@@ -76,18 +76,18 @@ def _xattn_fwd_kernel(
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_S >= 16)
     if ALIGNED:  # row starts are 16-byte aligned: keep vector loads at head dim 40 (aligned8)
-        stride_qb = tl.multiple_of(stride_qb, 8)
-        stride_qh = tl.multiple_of(stride_qh, 8)
-        stride_qm = tl.multiple_of(stride_qm, 8)
-        stride_kb = tl.multiple_of(stride_kb, 8)
-        stride_kh = tl.multiple_of(stride_kh, 8)
-        stride_kn = tl.multiple_of(stride_kn, 8)
-        stride_vb = tl.multiple_of(stride_vb, 8)
-        stride_vh = tl.multiple_of(stride_vh, 8)
-        stride_vn = tl.multiple_of(stride_vn, 8)
-        stride_ob = tl.multiple_of(stride_ob, 8)
-        stride_oh = tl.multiple_of(stride_oh, 8)
-        stride_om = tl.multiple_of(stride_om, 8)
+        stride_qb = multiple_of_8(stride_qb)
+        stride_qh = multiple_of_8(stride_qh)
+        stride_qm = multiple_of_8(stride_qm)
+        stride_kb = multiple_of_8(stride_kb)
+        stride_kh = multiple_of_8(stride_kh)
+        stride_kn = multiple_of_8(stride_kn)
+        stride_vb = multiple_of_8(stride_vb)
+        stride_vh = multiple_of_8(stride_vh)
+        stride_vn = multiple_of_8(stride_vn)
+        stride_ob = multiple_of_8(stride_ob)
+        stride_oh = multiple_of_8(stride_oh)
+        stride_om = multiple_of_8(stride_om)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if MEAN_HEADS:
