@@ -48,6 +48,14 @@ EXPECTED_CHILD_CASES = 34 + 22
 @pytest.mark.skipif(INNER, reason="this is the child process")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 def test_interpreter_suite():
+    import numpy
+    import triton
+
+    version = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:2])  # noqa: E731
+    assert not (version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)), (
+        f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (TypeError: "
+        "only 0-dimensional arrays can be converted to Python scalars): pip install 'numpy<2.4', "
+        "as semfid[test] declares")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
