@@ -277,3 +277,22 @@ def test_token_selection_is_reused_without_checks(backend):
         semfid.subject_attention(q[:1], k[:1], v[:1], k_ref[:1], tokens=sel, backend=backend)
     with pytest.raises(IndexError, match=r"tokens indices must lie in \[0, 3\)"):
         semfid.subject_attention(q, k[:, :, :3], v[:, :, :3], k_ref, tokens=sel, backend=backend)
+
+
+# The torch backend splits the queries into chunks of ~2 MiB of probabilities, so the shapes
+# above run in one chunk. Small chunks make every case walk several (dk / dv accumulated across
+# chunks, in both orientations of the narrow products at head dim 8).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case,detach", [(CASES[3], True), (CASES[5], False), (CASES[8], False),
+                                         (CASES[9], True), (CASES[10], True)],
+                         ids=lambda x: x.id if isinstance(x, Case) else f"detach{x}")
+def test_torch_backend_chunked_matches_reference(case: Case, detach: bool, dtype: torch.dtype,
+                                                 monkeypatch):
+    from semfid.backends import torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(torch_backend, "_MIN_CHUNK", 7)  # 17 queries: 3 chunks, 130: 19
+    assert torch_backend._chunk_rows(case.B, case.H, 2 * case.M) == 7
+    test_subject_attention_matches_reference(case, detach, dtype, "torch")
+    for with_select in (True, False):
+        test_cross_attention_matches_reference(case, with_select, dtype, "torch")
