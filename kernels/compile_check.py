@@ -303,9 +303,13 @@ def global_load_widths(ptx: str) -> Dict[int, int]:
     """{bytes per thread: count} of the global loads in a kernel's PTX (``ld.global.v4.b32`` is
     16 bytes, ``ld.global.b16`` 2): how far its tile loads were vectorised."""
     widths: Dict[int, int] = {}
-    for vec, bits in re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[a-z]+(\d+)", ptx):
-        size = int(vec or 1) * int(bits) // 8
-        widths[size] = widths.get(size, 0) + 1
+    for suffix in re.findall(r"\bld\.global((?:\.[\w:]+)+)", ptx):  # e.g. .L1::evict_last.v4.b32
+        parts = suffix.split(".")[1:]
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = re.fullmatch(r"[a-z]+(\d+)", parts[-1])
+        if bits:
+            size = vec * int(bits.group(1)) // 8
+            widths[size] = widths.get(size, 0) + 1
     return widths
 
 

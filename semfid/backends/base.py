@@ -25,8 +25,9 @@ subject-wise attention loss (SeFi-IDE). With A_t = P_t[..., tokens], A_r = P_r[.
     out, lse as above; lse_ref [B, H, N] acc when the reference is not detached or the maps are
     per head (empty otherwise). lse and lse_ref only exist for the backend's own backward (the
     op runs backward on the backend of its forward): a backend whose backward recomputes P
-    without them (``SUBJECT_SAVES_LSE = False``) returns both empty; maps = A_t when return_maps (empty otherwise); diff [B, N, S] acc
-    when mean_heads (the head mean needs every head: saved for backward), empty otherwise.
+    without them (``SUBJECT_SAVES_LSE = False``) returns both empty. maps = A_t when return_maps
+    (empty otherwise); diff [B, N, S] acc when mean_heads (the head mean needs every head: saved
+    for backward), empty otherwise.
 ``subject_backward(inp, out, lse, lse_ref, diff, dout, dloss, dmaps) -> (dq, dk, dv, dk_ref)``:
     c = 2 · dloss[b] / (N · H_red); G_t = c · w · diff (+ dmaps), G_r = −c · w · diff (only when
     the reference is not detached), each divided by H per head for head-mean maps, scattered onto
