@@ -34,12 +34,17 @@ BWD_ROW_GRANULE = 64
 
 
 @triton.jit
-def multiple_of_8(stride):
-    """``stride`` in a form Triton's alignment analysis reads as a multiple of 8 elements: the
-    launcher passes ALIGNED only when it is one (:func:`aligned8`), so ``stride // 8 * 8`` is
-    exact. (``tl.multiple_of`` on a kernel argument is dropped: the sm_90 PTX kept 16-bit loads at
-    head dim 40; the product keeps 16-byte vector loads, see ``test_triton_compile``.)"""
-    return stride // 8 * 8
+def aligned_strides(stride_b, stride_h, stride_m, ALIGNED: tl.constexpr):
+    """One tensor's (batch, head, row) strides, in a form Triton's alignment analysis reads as
+    multiples of 8 elements when ALIGNED, so that 16-byte vector loads survive head dim 40 (SD1.5's
+    head stride 40 is not a multiple of 16). The launcher passes ALIGNED only when every such
+    stride is a multiple of 8 (:func:`aligned8`), so ``stride // 8 * 8`` is exact; ``tl.multiple_of``
+    on a kernel argument is dropped (the sm_90 PTX kept 2-byte loads), see ``test_triton_compile``."""
+    if ALIGNED:
+        stride_b = stride_b // 8 * 8
+        stride_h = stride_h // 8 * 8
+        stride_m = stride_m // 8 * 8
+    return stride_b, stride_h, stride_m
 
 
 @triton.jit
@@ -107,8 +112,8 @@ def select_block(num_selected: int) -> int:
 def aligned8(*tensors) -> bool:
     """Whether every batch/head/row stride of the (present) tensors is a multiple of 8 elements
     and their last dim is unit-stride: then each row start is 16-byte aligned in fp16/bf16 and the
-    kernels may promise it (``tl.multiple_of``), keeping 8-element vector loads at head dim 40
-    (SD1.5's head stride 40 is not a multiple of 16, so Triton would not infer it)."""
+    kernels may promise it (:func:`aligned_strides`), keeping 8-element vector loads at head dim
+    40 (SD1.5's head stride 40 is not a multiple of 16, so Triton would not infer it)."""
     for t in tensors:
         if t is None or t.numel() == 0:
             continue

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned8, multiple_of_8, backward_splits, device_guard, exact_dot, one_hot, recompute_p, \
+from ._common import aligned8, aligned_strides, backward_splits, device_guard, exact_dot, one_hot, recompute_p, \
     select_block, sum_splits_into
 from ._utils import dot_precision, dot_upcast, head_dim_block, interpreting, key_block, max_head_dim_block, mma
 from .subject_fwd import _logits, _masked
@@ -77,25 +77,12 @@ def _subject_bwd_kernel(
     """
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_S >= 16)
-    if ALIGNED:  # see subject_fwd: 16-byte aligned rows at head dim 40
-        stride_qb = multiple_of_8(stride_qb)
-        stride_qh = multiple_of_8(stride_qh)
-        stride_qm = multiple_of_8(stride_qm)
-        stride_kb = multiple_of_8(stride_kb)
-        stride_kh = multiple_of_8(stride_kh)
-        stride_kn = multiple_of_8(stride_kn)
-        stride_vb = multiple_of_8(stride_vb)
-        stride_vh = multiple_of_8(stride_vh)
-        stride_vn = multiple_of_8(stride_vn)
-        stride_krb = multiple_of_8(stride_krb)
-        stride_krh = multiple_of_8(stride_krh)
-        stride_krn = multiple_of_8(stride_krn)
-        stride_dob = multiple_of_8(stride_dob)
-        stride_doh = multiple_of_8(stride_doh)
-        stride_dom = multiple_of_8(stride_dom)
-        stride_dqb = multiple_of_8(stride_dqb)
-        stride_dqh = multiple_of_8(stride_dqh)
-        stride_dqm = multiple_of_8(stride_dqm)
+    stride_qb, stride_qh, stride_qm = aligned_strides(stride_qb, stride_qh, stride_qm, ALIGNED)
+    stride_kb, stride_kh, stride_kn = aligned_strides(stride_kb, stride_kh, stride_kn, ALIGNED)
+    stride_vb, stride_vh, stride_vn = aligned_strides(stride_vb, stride_vh, stride_vn, ALIGNED)
+    stride_krb, stride_krh, stride_krn = aligned_strides(stride_krb, stride_krh, stride_krn, ALIGNED)
+    stride_dob, stride_doh, stride_dom = aligned_strides(stride_dob, stride_doh, stride_dom, ALIGNED)
+    stride_dqb, stride_dqh, stride_dqm = aligned_strides(stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = tl.cast(pid_bh // H, tl.int64)

@@ -26,7 +26,7 @@ from ._utils import (
     prune_fwd_configs,
     query_bucket,
 )
-from ._common import aligned8, multiple_of_8, device_guard, exact_dot, one_hot, row_softmax, select_block
+from ._common import aligned8, aligned_strides, device_guard, exact_dot, one_hot, row_softmax, select_block
 
 
 
@@ -75,19 +75,10 @@ def _xattn_fwd_kernel(
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_S >= 16)
-    if ALIGNED:  # row starts are 16-byte aligned: keep vector loads at head dim 40 (aligned8)
-        stride_qb = multiple_of_8(stride_qb)
-        stride_qh = multiple_of_8(stride_qh)
-        stride_qm = multiple_of_8(stride_qm)
-        stride_kb = multiple_of_8(stride_kb)
-        stride_kh = multiple_of_8(stride_kh)
-        stride_kn = multiple_of_8(stride_kn)
-        stride_vb = multiple_of_8(stride_vb)
-        stride_vh = multiple_of_8(stride_vh)
-        stride_vn = multiple_of_8(stride_vn)
-        stride_ob = multiple_of_8(stride_ob)
-        stride_oh = multiple_of_8(stride_oh)
-        stride_om = multiple_of_8(stride_om)
+    stride_qb, stride_qh, stride_qm = aligned_strides(stride_qb, stride_qh, stride_qm, ALIGNED)
+    stride_kb, stride_kh, stride_kn = aligned_strides(stride_kb, stride_kh, stride_kn, ALIGNED)
+    stride_vb, stride_vh, stride_vn = aligned_strides(stride_vb, stride_vh, stride_vn, ALIGNED)
+    stride_ob, stride_oh, stride_om = aligned_strides(stride_ob, stride_oh, stride_om, ALIGNED)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if MEAN_HEADS:
