@@ -32,10 +32,11 @@ def _say(message: str) -> None:
     print(f"semfid: {message}", flush=True)
 
 
-def _mode() -> str:
-    mode = os.environ.get("SEMFID_BUILD_CUDA", "auto").strip().lower()
+def build_mode(variable: str = "SEMFID_BUILD_CUDA") -> str:
+    """The value of an auto / 1 / 0 build switch (SEMFID_BUILD_CUDA, SEMFID_BUILD_CPU)."""
+    mode = os.environ.get(variable, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"SEMFID_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+        raise SystemExit(f"{variable} must be auto, 0 or 1, got {mode!r}")
     return mode
 
 
@@ -289,7 +290,7 @@ def _build_ext_class(archs: List[str], nvcc_threads: int):
 
 def cuda_build(root: str) -> Tuple[List[object], Dict[str, object]]:
     """Return ``(ext_modules, cmdclass)`` for setup(); empty when the CUDA build is skipped."""
-    mode = _mode()
+    mode = build_mode()
     if mode == "0":
         _say("CUDA kernels skipped (SEMFID_BUILD_CUDA=0); installing pure Python")
         return [], {}

@@ -54,7 +54,7 @@ def _devices() -> List[str]:
 
 
 def versions() -> List[str]:
-    """semfid, Python, torch and the optional packages; the GPUs; the CUDA extension."""
+    """semfid, Python, torch and the optional packages; the GPUs; the CUDA extension; the CPU core."""
     lines = [f"semfid {semfid.__version__}", f"python {platform.python_version()} on {platform.platform()}",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     lines += [f"{mod} {_version(mod)}" for mod in ("triton", "diffusers", "transformers", "xformers")]
@@ -69,6 +69,10 @@ def versions() -> List[str]:
         lines.append(f"CUDA extension semfid._C: {_cpp_lib.status()}")
     except ImportError:
         lines.append("CUDA extension semfid._C: not part of this build")
+    from semfid import _cpu_core
+
+    lines.append(f"C++ CPU core semfid._cpu_ops (the torch backend's subject op on CPU): "
+                 f"{_cpu_core.status()}")
     return lines
 
 

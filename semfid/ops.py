@@ -348,9 +348,15 @@ def subject_attention(
         return_maps=return_maps,
     )
     impl = select_backend(inp, backend)
-    args = (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps, impl.NAME)
-    out, _, _, loss, maps, _ = _subject_fwd(*args) if _traced() else _EagerSubject.apply(*args)
+    traced = _traced()
+    native = None if traced else impl.eager_subject(inp)
+    if native is not None:
+        out, loss, maps = native
+    else:
+        args = (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+                inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps,
+                impl.NAME)
+        out, _, _, loss, maps, _ = _subject_fwd(*args) if traced else _EagerSubject.apply(*args)
     if return_maps:
         return out, loss, _zero_ragged_padding(maps, inp.selection)
     return out, loss

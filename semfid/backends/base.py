@@ -266,3 +266,12 @@ class BackendBase:
                          dout: Optional[Tensor], dloss: Optional[Tensor],
                          dmaps: Optional[Tensor]) -> SubjectBackwardResult:
         raise NotImplementedError
+
+    @classmethod
+    def eager_subject(cls, inp: SubjectInputs) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """``(out, loss, maps)`` of the whole differentiable subject op from one native call that
+        carries its own autograd node, or None (the default): semfid's Python autograd.Function
+        then runs :meth:`subject_forward` / :meth:`subject_backward`. Asked in eager mode only
+        (traced code goes through the ``semfid::subject_*`` custom ops); ``maps`` is empty unless
+        ``inp.return_maps``."""
+        return None

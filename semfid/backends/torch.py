@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .._inputs import SubjectInputs, XattnInputs, accumulation_dtype
+from .. import _cpu_core
 from . import register_backend
 from .base import (
     BackendBase,
@@ -45,6 +46,9 @@ Tensor = torch.Tensor
 # 2-core CPU for the SD1.5 4096-query layer (B=2, H=8, M=77: chunks of ~425 queries).
 _BLOCK_ELEMENTS = 1 << 19
 _MIN_CHUNK = 64
+# The subject op runs in the C++ core (semfid._cpu_ops) on CPU tensors when it is built; tests
+# set this to False to run the Python implementation below, which the core is a port of.
+USE_CPU_CORE = True
 
 
 def _chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
@@ -130,23 +134,23 @@ class _SubjectKeys:
         B, H, M, D = inp.k.shape
         M_ref = inp.k_ref.shape[2]
         self.B, self.H, self.M, self.M_ref = B, H, M, M_ref
+        self.scale = inp.scale
         self.width = width = max(M, M_ref) if paired else M
         self.segments = 2 if paired else 1
         if not paired:
-            keys = torch.mul(inp.k, inp.scale, out=inp.q.new_empty(inp.k.shape, dtype=acc))
+            keys = inp.k.to(acc)
         elif M == M_ref:
-            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(acc).mul_(inp.scale)  # a fresh tensor
+            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(acc)  # a fresh contiguous tensor
         else:
             keys = inp.q.new_zeros(B, H, 2 * width, D, dtype=acc)
             keys[:, :, :M] = inp.k
             keys[:, :, width:width + M_ref] = inp.k_ref
-            keys.mul_(inp.scale)
-        self.keys = keys.view(B * H, -1, D)
+        self.keys = keys.reshape(B * H, -1, D)  # a copy only for a strided (diffusers) k
         self.keys_t = self.keys.transpose(1, 2)
-        v = inp.v.to(acc, memory_format=torch.contiguous_format).contiguous()
+        v = inp.v.to(acc)
         if width != M:  # the target segment is M' wide: zero value rows under its padding keys
             v = torch.nn.functional.pad(v, (0, 0, 0, width - M))
-        self.v = v.view(B * H, width, -1)
+        self.v = v.reshape(B * H, width, -1)
         self.bias = self._bias(inp, paired)
         self.dead_rows = None
         if self.bias is not None:
@@ -173,10 +177,19 @@ class _SubjectKeys:
             bias[:, :, W:W + M_ref] = inp.ref_bias
         return bias.view(B * H, 1, 2 * W)
 
-    def queries(self, t: Tensor, rows: slice) -> Tensor:
-        """[B·H, c, D] contiguous chunk of a [B, H, N, D] tensor (q or dout), in acc dtype."""
-        chunk = t[:, :, rows].to(self.acc, memory_format=torch.contiguous_format).contiguous()
-        return chunk.view(self.B * self.H, chunk.shape[2], -1)
+    def queries(self, t: Tensor, rows: slice, scale: Optional[float] = None) -> Tensor:
+        """[B·H, c, D] contiguous chunk of a [B, H, N, D] tensor (q or dout) in the acc dtype,
+        times ``scale`` when given (the logit scale is folded into the query chunk)."""
+        chunk = t[:, :, rows]
+        B, H, c = self.B, self.H, chunk.shape[2]
+        out = torch.empty((B, H, c, chunk.shape[3]), dtype=self.acc, device=t.device)
+        if scale is None:
+            out.copy_(chunk)
+        elif t.dtype == self.acc:
+            torch.mul(chunk, scale, out=out)  # one pass: gather the strided rows and scale them
+        else:
+            out.copy_(chunk).mul_(scale)  # widen first: the product is formed in the acc dtype
+        return out.view(B * H, c, -1)
 
     def probabilities(self, qc: Tensor) -> Tuple[Tensor, Tensor]:
         """(logits, P) of a query chunk, both [B·H, c, segments, M']."""
@@ -240,18 +253,17 @@ def _weighted_square_sum(d: Tensor, weights: Optional[Tensor]) -> Tensor:
 
 
 def _map_grad_scale(inp: SubjectInputs, dloss: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
-    """[B, 1, (1,) S] factor turning diff into dA_t: 2 · dloss[b] · w[b, s] / (N · H_red), with
-    H_red = 1 for head-mean maps (whose 1/H per head is applied at the scatter) and H per head."""
+    """Factor turning diff into the map gradient scattered onto dP: 2 · dloss[b] · w[b, s] /
+    (N · H_red), with H_red = H per head, and for head-mean maps a further 1/H (each head's P
+    carries 1/H of the mean). [B, 1, (1,) 1] for rectangular rows (w = 1/S), [B, 1, (1,) S] ragged."""
     if dloss is None:
         return None
-    B, S = inp.batch, inp.num_selected
-    h_red = 1 if inp.mean_heads else inp.heads
-    c = dloss.to(acc) * (2.0 / (inp.num_queries * h_red))
+    S, H = inp.num_selected, inp.heads
+    c = dloss.to(acc) * (2.0 / (inp.num_queries * H))  # H: H_red per head, the 1/H of a mean
+    lead = (1,) if inp.mean_heads else (1, 1)
     if inp.weights is None:
-        factor = (c / S)[:, None].expand(B, S)
-    else:
-        factor = c[:, None] * inp.weights.to(acc)
-    return factor[:, None, :] if inp.mean_heads else factor[:, None, None, :]
+        return c.mul_(1.0 / S).view(-1, *lead, 1)
+    return (c[:, None] * inp.weights.to(acc)).view(c.shape[0], *lead, S)
 
 
 @register_backend
@@ -270,7 +282,8 @@ class TorchBackend(BackendBase):
 
     @classmethod
     def status(cls) -> str:
-        return "tested on CPU; the same code runs on CUDA tensors"
+        core = "in C++ (semfid._cpu_ops)" if _cpu_core.module() is not None else "in Python"
+        return f"tested on CPU; the same code runs on CUDA tensors; subject op on CPU runs {core}"
 
     # ---- cross-attention with selected maps ---------------------------------------------------------
     @staticmethod
@@ -330,79 +343,125 @@ class TorchBackend(BackendBase):
     # ---- the one-pass subject-wise loss -------------------------------------------------------------
     @staticmethod
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
-        q = inp.q
-        B, H, N, _ = q.shape
-        keys = _SubjectKeys(inp, paired=True)
-        S = inp.num_selected
-        out, lse, lse_ref, _, maps, diff = empty_subject_outputs(
-            q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps,
-            saves_lse=False)
-        loss = None
-        for rows in _chunks(N, _chunk_rows(B, H, 2 * keys.width)):
-            _, p = keys.probabilities(keys.queries(q, rows))
-            c = p.shape[1]
-            out[:, :, rows] = _bmm(p[:, :, 0, :], keys.v).view(B, H, c, -1)
-            a = keys.gather_maps(p, inp.mean_heads)
-            d = a[..., :S] - a[..., S:]
-            if inp.mean_heads:
-                diff[:, rows] = d
-            if inp.return_maps:
-                maps[..., rows, :] = a[..., :S]
-            part = _weighted_square_sum(d, inp.weights)
-            loss = part if loss is None else loss.add_(part)  # chunks in order: reproducible bits
-        h_red = 1 if inp.mean_heads else H
-        loss.mul_(1.0 / (N * h_red * (S if inp.weights is None else 1)))
-        return out, lse, lse_ref, loss, maps, diff
+        core = _core_for(inp.q)
+        if core is not None:
+            return tuple(core.subject_forward(  # pybind returns a list: autograd wants a tuple
+                inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+                inp.weights, inp.scale, inp.mean_heads, inp.return_maps, _BLOCK_ELEMENTS,
+                _MIN_CHUNK, _NARROW))
+        return _subject_forward_python(inp)
 
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss,
                          dmaps) -> SubjectBackwardResult:
-        q = inp.q
-        B, H, N, D = q.shape
-        dq, dk_out, dv_out, dk_ref_out = empty_subject_grads(q, inp.k, inp.v, inp.k_ref,
-                                                             inp.detach_reference)
-        # Head-mean maps with a detached reference need no A_r again: diff was saved.
-        paired = not (inp.mean_heads and inp.detach_reference)
-        keys = _SubjectKeys(inp, paired=paired)
-        factor = _map_grad_scale(inp, dloss, keys.acc)
-        W = keys.width
-        # The key columns whose dS reaches dq and dk: the reference segment only when it is not
-        # detached (a detached P_r is recomputed for the per-head diff alone).
-        k_grad = W if inp.detach_reference else keys.segments * W
-        keys_grad = keys.keys[:, :k_grad]
-        dkeys = dv = None
-        for rows in _chunks(N, _chunk_rows(B, H, keys.segments * W)):
-            qc = keys.queries(q, rows)
-            _, p = keys.probabilities(qc)
-            c = p.shape[1]
-            p_t = p[:, :, 0, :]
-            dp_t = None
-            if dout is not None:
-                do_c = keys.queries(dout, rows)
-                dp_t = torch.bmm(do_c, keys.v.transpose(1, 2))
-                dv = _add_bmm(dv, p_t.transpose(1, 2), do_c)
-            if paired or dp_t is None:
-                dp = p.new_zeros(p.shape)
-                if dp_t is not None:
-                    dp[:, :, 0, :] = dp_t
-            else:
-                dp = dp_t.view(p.shape)
-            g = _subject_map_grads(inp, keys, p, diff, factor, dmaps, rows)
-            if g is not None:
-                keys.scatter_map_grads(dp, g, inp.mean_heads)
-            ds = torch._softmax_backward_data(dp, p, -1, keys.acc).view(B * H, c, -1)[:, :, :k_grad]
-            dq[:, :, rows] = _bmm(ds, keys_grad).view(B, H, c, D)
-            dkeys = _add_bmm(dkeys, ds.transpose(1, 2), qc)
-        M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
-        dkeys = dkeys.view(B, H, -1, D).mul_(inp.scale)
-        dk_out.copy_(dkeys[:, :, :M])
-        if dv is None:
-            dv_out.zero_()
+        core = _core_for(inp.q)
+        if core is not None:
+            return tuple(core.subject_backward(
+                inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+                inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, diff, dout, dloss,
+                dmaps, _BLOCK_ELEMENTS, _MIN_CHUNK, _NARROW))
+        return _subject_backward_python(inp, diff, dout, dloss, dmaps)
+
+
+    @classmethod
+    def eager_subject(cls, inp: SubjectInputs) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        core = _core_for(inp.q)
+        # The core is these two methods in C++: a subclass that replaces either must run its own.
+        own = (cls.subject_forward is TorchBackend.subject_forward
+               and cls.subject_backward is TorchBackend.subject_backward)
+        if core is None or not own:
+            return None
+        return tuple(core.subject_attention(
+            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps,
+            _BLOCK_ELEMENTS, _MIN_CHUNK, _NARROW))
+
+
+def _core_for(q: Tensor):
+    """The C++ core (semfid._cpu_ops) for CPU tensors in eager mode, else None."""
+    if q.device.type != "cpu" or not USE_CPU_CORE or torch.compiler.is_compiling():
+        return None
+    return _cpu_core.module()
+
+
+# ---- the subject op in Python (the C++ core, csrc/cpu/subject_core.cpp, is a line-by-line port) ----
+def _subject_forward_python(inp: SubjectInputs) -> SubjectForwardResult:
+    q = inp.q
+    B, H, N, _ = q.shape
+    keys = _SubjectKeys(inp, paired=True)
+    S = inp.num_selected
+    out, lse, lse_ref, _, maps, diff = empty_subject_outputs(
+        q, inp.v, inp.tokens, inp.mean_heads, inp.detach_reference, inp.return_maps,
+        saves_lse=False)
+    loss = None
+    for rows in _chunks(N, _chunk_rows(B, H, 2 * keys.width)):
+        _, p = keys.probabilities(keys.queries(q, rows, keys.scale))
+        c = p.shape[1]
+        out[:, :, rows] = _bmm(p[:, :, 0, :], keys.v).view(B, H, c, -1)
+        a = keys.gather_maps(p, inp.mean_heads)
+        # head-mean diff is saved for backward: written in place; per head it is a temporary
+        d = torch.sub(a[..., :S], a[..., S:], out=diff[:, rows]) if inp.mean_heads else \
+            a[..., :S] - a[..., S:]
+        if inp.return_maps:
+            maps[..., rows, :] = a[..., :S]
+        part = _weighted_square_sum(d, inp.weights)
+        loss = part if loss is None else loss.add_(part)  # chunks in order: reproducible bits
+    h_red = 1 if inp.mean_heads else H
+    loss.mul_(1.0 / (N * h_red * (S if inp.weights is None else 1)))
+    return out, lse, lse_ref, loss, maps, diff
+
+def _subject_backward_python(inp: SubjectInputs, diff: Tensor, dout: Optional[Tensor],
+                         dloss: Optional[Tensor], dmaps: Optional[Tensor]) -> SubjectBackwardResult:
+    q = inp.q
+    B, H, N, D = q.shape
+    dq, dk_out, dv_out, dk_ref_out = empty_subject_grads(q, inp.k, inp.v, inp.k_ref,
+                                                         inp.detach_reference)
+    # Head-mean maps with a detached reference need no A_r again: diff was saved.
+    paired = not (inp.mean_heads and inp.detach_reference)
+    keys = _SubjectKeys(inp, paired=paired)
+    factor = _map_grad_scale(inp, dloss, keys.acc)
+    W = keys.width
+    # The key columns whose dS reaches dq and dk: the reference segment only when it is not
+    # detached (a detached P_r is recomputed for the per-head diff alone).
+    k_grad = W if inp.detach_reference else keys.segments * W
+    keys_grad = keys.keys[:, :k_grad]
+    dkeys = dv = None
+    for rows in _chunks(N, _chunk_rows(B, H, keys.segments * W)):
+        qc = keys.queries(q, rows, keys.scale)  # scaled: dkeys = dSᵀ·q·scale comes out whole
+        _, p = keys.probabilities(qc)
+        c = p.shape[1]
+        p_t = p[:, :, 0, :]
+        dp_t = None
+        if dout is not None:
+            do_c = keys.queries(dout, rows)
+            dp_t = torch.bmm(do_c, keys.v.transpose(1, 2))
+            dv = _add_bmm(dv, p_t.transpose(1, 2), do_c)
+        if paired or dp_t is None:
+            dp = p.new_zeros(p.shape)
+            if dp_t is not None:
+                dp[:, :, 0, :] = dp_t
         else:
-            dv_out.copy_(dv.view(B, H, W, -1)[:, :, :M])
-        if not inp.detach_reference:
-            dk_ref_out.copy_(dkeys[:, :, W:W + M_ref])
-        return dq, dk_out, dv_out, dk_ref_out
+            dp = dp_t.view(p.shape)
+        g = _subject_map_grads(inp, keys, p, diff, factor, dmaps, rows)
+        if g is not None:
+            keys.scatter_map_grads(dp, g, inp.mean_heads)
+        ds = torch._softmax_backward_data(dp, p, -1, keys.acc).view(B * H, c, -1)[:, :, :k_grad]
+        dq_c = _bmm(ds, keys_grad).view(B, H, c, D)
+        if dq.dtype == keys.acc:
+            torch.mul(dq_c, keys.scale, out=dq[:, :, rows])  # out= must have the product's dtype
+        else:
+            dq[:, :, rows] = dq_c.mul_(keys.scale)
+        dkeys = _add_bmm(dkeys, ds.transpose(1, 2), qc)
+    M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
+    dkeys = dkeys.view(B, H, -1, D)
+    dk_out.copy_(dkeys[:, :, :M])
+    if dv is None:
+        dv_out.zero_()
+    else:
+        dv_out.copy_(dv.view(B, H, W, -1)[:, :, :M])
+    if not inp.detach_reference:
+        dk_ref_out.copy_(dkeys[:, :, W:W + M_ref])
+    return dq, dk_out, dv_out, dk_ref_out
 
 
 def _subject_map_grads(inp: SubjectInputs, keys: _SubjectKeys, p: Tensor, diff: Tensor,
@@ -422,17 +481,15 @@ def _subject_map_grads(inp: SubjectInputs, keys: _SubjectKeys, p: Tensor, diff: 
     g_t = None if factor is None else d * factor
     if dmaps is not None:
         dm = dmaps[..., rows, :].to(keys.acc)
-        g_t = dm if g_t is None else g_t.add_(dm)
-    g = g_t
-    if keys.segments == 2:
-        g_r = None if (factor is None or inp.detach_reference) else -(d * factor)
-        if g_t is None and g_r is None:
-            return None
-        g = torch.cat([torch.zeros_like(d) if g_t is None else g_t,
-                       torch.zeros_like(d) if g_r is None else g_r], dim=-1)
-    if g is not None and inp.mean_heads:
-        g = g.div_(inp.heads)
-    return g
+        alpha = 1.0 / inp.heads if inp.mean_heads else 1.0  # factor already holds the 1/H
+        g_t = dm.mul(alpha) if g_t is None else g_t.add_(dm, alpha=alpha)
+    if keys.segments == 1:
+        return g_t
+    g_r = None if (factor is None or inp.detach_reference) else -(d * factor)
+    if g_t is None and g_r is None:
+        return None
+    return torch.cat([torch.zeros_like(d) if g_t is None else g_t,
+                      torch.zeros_like(d) if g_r is None else g_r], dim=-1)
 
 
 def _fused_cpu_attention_applies(q, k, v) -> bool:

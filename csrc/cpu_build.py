@@ -1,0 +1,53 @@
+"""Decide whether ``setup.py`` builds the C++ CPU extension ``semfid._cpu_ops`` (csrc/cpu/).
+
+SEMFID_BUILD_CPU: ``auto`` (default) builds it whenever torch is importable and lets the install go
+on without it if the compiler fails (the torch backend then runs its Python implementation);
+``1`` builds it or fails the install; ``0`` skips it. It needs only a C++ compiler and torch's
+headers (no CUDA), and compiles in about half a minute.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from .build_config import _say, build_mode
+
+SOURCES = ["csrc/cpu/subject_core.cpp"]
+NAME = "semfid._cpu_ops"
+
+
+def cpu_build() -> List[object]:
+    """The extension for setup(), or [] when it is skipped. ``ext.optional`` marks an auto build."""
+    mode = build_mode("SEMFID_BUILD_CPU")
+    if mode == "0":
+        _say("C++ CPU core skipped (SEMFID_BUILD_CPU=0); the torch backend runs in Python")
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as exc:
+        if mode == "1":
+            raise SystemExit(f"semfid: SEMFID_BUILD_CPU=1 but torch is not importable: {exc}")
+        _say(f"C++ CPU core skipped: torch is not importable in the build environment ({exc})")
+        return []
+    ext = CppExtension(name=NAME, sources=SOURCES, extra_compile_args={"cxx": ["-O3"]})
+    ext.optional = mode == "auto"
+    return [ext]
+
+
+def optional_build_ext(base: type) -> type:
+    """``base`` (a build_ext class) whose failure on an optional extension is a warning, whatever
+    the compiler raised (torch's ninja path raises RuntimeError, which setuptools' own handling of
+    ``optional`` does not catch)."""
+
+    class OptionalExtensionBuild(base):
+        def build_extension(self, ext):
+            if not getattr(ext, "optional", False):
+                return super().build_extension(ext)
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - reported, and the install goes on
+                _say(f"warning: {ext.name} was not built ({type(exc).__name__}: {exc}); the torch "
+                     "backend will run its Python implementation (SEMFID_BUILD_CPU=1 makes this fatal)")
+                return None
+
+    return OptionalExtensionBuild
