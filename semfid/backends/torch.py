@@ -15,6 +15,13 @@ The subject op runs both key sets through the same ops: ``[k, k_ref]`` is one ke
 2·M' keys (M' = max(M, M_ref); the shorter set is padded with keys masked by -inf), so one matmul
 gives both logit blocks, one softmax over a [.., 2, M'] view normalises them separately, one
 gather picks A_t and A_r, and in backward one matmul ``dS₂ · [k, k_ref]`` sums both paths into dq.
+Its logit scale is folded into the query chunk (one strided-gather-and-scale pass), so
+``dSᵀ · (q · scale)`` is dK whole.
+
+On CPU tensors the subject op runs in the C++ core ``semfid._cpu_ops`` (csrc/cpu/subject_core.cpp),
+a line-by-line port of the Python code below that gives the same bits: a small layer is a few
+dozen ATen calls, and between them the interpreter cost more than the arithmetic. The Python code
+runs on CUDA tensors, under tracing, and wherever the core is not built.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ class _Operands:
 
 class _SubjectKeys:
     """Keys of the subject op as [B·H, K, D] batches (3-D ``bmm``/``baddbmm``: no per-call
-    reshapes, the scale folded into the keys and the bias into the logits matmul).
+    reshapes, the bias folded into the logits matmul; the scale goes into the query chunk).
 
     ``paired=True``: the target and reference keys as one set of K = 2·M' keys (see module
     docstring); probabilities are viewed as [B·H, c, 2, M'], index 0 of dim -2 being the target.
