@@ -291,7 +291,7 @@ def test_torch_backend_chunked_matches_reference(case: Case, detach: bool, dtype
     from semfid.backends import torch as torch_backend
 
     monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(torch_backend, "_MIN_CHUNK", 7)  # 17 queries: 3 chunks, 130: 19
+    monkeypatch.setattr(torch_backend, "_MIN_CHUNK", 7)  # 17 queries: 2 chunks, 130: 19
     assert torch_backend._chunk_rows(case.B, case.H, 2 * case.M) == 7
     test_subject_attention_matches_reference(case, detach, dtype, "torch")
     for with_select in (True, False):

@@ -35,8 +35,12 @@ struct Tuning {
   int64_t narrow;          // products with fewer output columns than this are computed transposed
 };
 
-int64_t chunk_rows(const Tuning& t, int64_t B, int64_t H, int64_t K) {
-  return std::max(t.min_chunk, t.block_elements / std::max<int64_t>(1, B * H * K));
+// Rows per chunk for n queries (Python: _chunk_rows and _chunks): about block_elements / (B·H·K)
+// rows, as round(n / that) chunks of equal size up to one row.
+int64_t chunk_rows(const Tuning& t, int64_t B, int64_t H, int64_t K, int64_t n) {
+  const int64_t target = std::max(t.min_chunk, t.block_elements / std::max<int64_t>(1, B * H * K));
+  const int64_t count = std::max<int64_t>(1, (n + target / 2) / target);
+  return (n + count - 1) / count;
 }
 
 // a @ b for [batch, n, k] x [batch, k, m]; a narrow product (m < narrow < n) as (bᵀ aᵀ)ᵀ.
@@ -262,7 +266,7 @@ std::vector<Tensor> subject_forward(const Tensor& q, const Tensor& k, const Tens
                              : at::empty({B, H, N, S}, q.options().dtype(acc));
   Tensor diff = mean_heads ? at::empty({B, N, S}, q.options().dtype(acc)) : nothing(q, acc);
   Tensor loss;
-  const int64_t rows = chunk_rows(tune, B, H, 2 * keys.width);
+  const int64_t rows = chunk_rows(tune, B, H, 2 * keys.width, N);
   for (int64_t start = 0; start < N; start += rows) {
     const int64_t c = std::min(rows, N - start);
     Tensor p = keys.probabilities(keys.queries(q, start, c, /*scaled=*/true));
@@ -312,7 +316,7 @@ std::vector<Tensor> subject_backward(const Tensor& q, const Tensor& k, const Ten
   const int64_t k_grad = detach_reference ? W : keys.segments * W;
   Tensor keys_grad = keys.keys.narrow(1, 0, k_grad);
   Tensor dkeys, dv;
-  const int64_t rows = chunk_rows(tune, B, H, keys.segments * W);
+  const int64_t rows = chunk_rows(tune, B, H, keys.segments * W, N);
   for (int64_t start = 0; start < N; start += rows) {
     const int64_t c = std::min(rows, N - start);
     Tensor qc = keys.queries(q, start, c, /*scaled=*/true);  // dkeys = dSᵀ·q·scale comes out whole

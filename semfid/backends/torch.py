@@ -59,8 +59,13 @@ USE_CPU_CORE = True
 
 
 def _chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
-    for start in range(0, n, rows_per_chunk):
-        yield slice(start, min(start + rows_per_chunk, n))
+    """Query rows in round(n / rows_per_chunk) chunks (at least one) of equal size up to one row:
+    the block budget is a target, so a 256-query layer is one chunk of 256, not 212 + 44 (the
+    second chunk cost as many calls as the first). The C++ core splits the same way."""
+    count = max(1, (n + rows_per_chunk // 2) // rows_per_chunk)
+    size = -(-n // count)
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
 
 
 def _chunk_rows(B: int, H: int, M: int) -> int:
