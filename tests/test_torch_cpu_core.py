@@ -20,6 +20,7 @@ from semfid import _cpu_core
 from semfid.backends import torch as torch_backend
 from semfid.backends.base import empty_subject_outputs
 from semfid._inputs import SubjectInputs
+from semfid.testing import subject_ref
 
 from csrc.cpu_build import optional_build_ext
 from test_ops_reference import CASES, test_subject_attention_matches_reference
@@ -39,6 +40,7 @@ class Branch:
     M_ref: int = 77
     bias: str = "none"  # none | pad | dead (every key of batch row 1 masked)
     chunk: Optional[int] = None  # force chunks of this many query rows
+    N: int = 37
     grads: str = "both"  # both | loss (out unused) | maps (only the maps get a gradient)
 
 
@@ -61,6 +63,8 @@ BRANCHES = [
     Branch("float16", dtype=torch.float16, detach=False),
     Branch("bfloat16", dtype=torch.bfloat16, head_reduce="none"),
     Branch("float64", dtype=torch.float64, return_maps=True, detach=False),
+    Branch("no_queries", N=0, detach=False, return_maps=True),
+    Branch("no_queries_per_head", N=0, head_reduce="none"),
 ]
 
 
@@ -71,7 +75,7 @@ def _run(branch: Branch, use_core: bool, monkeypatch) -> list:
         monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 1)
         monkeypatch.setattr(torch_backend, "_MIN_CHUNK", branch.chunk)
     gen = torch.Generator().manual_seed(7)
-    B, H, N, M, D = 2, 3, 37, 77, 8 if branch.chunk != 5 else 4
+    B, H, N, M, D = 2, 3, branch.N, 77, 8 if branch.chunk != 5 else 4
 
     def views(L: int, grad: bool) -> torch.Tensor:  # [B, H, L, D] over [B, L, H·D] memory
         x = torch.randn(B, L, H * D, generator=gen).to(branch.dtype)
@@ -114,6 +118,28 @@ def test_core_matches_python_bit_for_bit(branch: Branch, monkeypatch):
             f"{p.dtype} {tuple(p.shape)} {p.stride()}")
         assert torch.equal(c, p) or (torch.isnan(c) == torch.isnan(p)).all() and torch.equal(
             c.nan_to_num(0.0), p.nan_to_num(0.0)), f"{branch.name}: result {i} differs"
+
+
+@pytest.mark.parametrize("use_core", [True, False], ids=["core", "python"])
+@pytest.mark.parametrize("head_reduce", ["mean", "none"])
+def test_no_queries_match_the_reference(use_core: bool, head_reduce: str, monkeypatch):
+    """N = 0: the loss is the mean over an empty set (NaN, as torch.mean and the float64
+    reference give it) and no gradient reaches the keys (zeros, not an error)."""
+    if use_core and CORE is None:
+        pytest.skip(f"semfid._cpu_ops: {_cpu_core.status()}")
+    monkeypatch.setattr(torch_backend, "USE_CPU_CORE", use_core)
+    q = torch.randn(2, 3, 0, 8, requires_grad=True)
+    k, v, k_ref = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    out, loss = semfid.subject_attention(q, k, v, k_ref, tokens=[1, 3], head_reduce=head_reduce,
+                                         detach_reference=False, backend="torch")
+    ins64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, k_ref)]
+    out64, loss64 = subject_ref(*ins64, tokens=[1, 3], head_reduce=head_reduce,
+                                detach_reference=False)[:2]
+    assert out.shape == out64.shape == (2, 3, 0, 8)
+    assert torch.isnan(loss).all() and torch.isnan(loss64).all()
+    grads = torch.autograd.grad(out.sum() + loss.sum(), [q, k, v, k_ref])  # dloss = 1 reaches the op
+    for g, t in zip(grads, (q, k, v, k_ref)):
+        assert g.shape == t.shape and not g.any()
 
 
 @needs_core

@@ -40,7 +40,7 @@ struct Tuning {
 int64_t chunk_rows(const Tuning& t, int64_t B, int64_t H, int64_t K, int64_t n) {
   const int64_t target = std::max(t.min_chunk, t.block_elements / std::max<int64_t>(1, B * H * K));
   const int64_t count = std::max<int64_t>(1, (n + target / 2) / target);
-  return (n + count - 1) / count;
+  return std::max<int64_t>(1, (n + count - 1) / count);  // n = 0: no chunk
 }
 
 // a @ b for [batch, n, k] x [batch, k, m]; a narrow product (m < narrow < n) as (bᵀ aᵀ)ᵀ.
@@ -285,6 +285,10 @@ std::vector<Tensor> subject_forward(const Tensor& q, const Tensor& k, const Tens
     Tensor part = weighted_square_sum(d, weights);
     loss = loss.defined() ? loss.add_(part) : part;  // chunks in order: reproducible bits
   }
+  if (!loss.defined()) {  // no queries: the mean over an empty set, as torch.mean gives it
+    return {out, nothing(q, acc), nothing(q, acc),
+            at::full({B}, std::numeric_limits<double>::quiet_NaN(), q.options().dtype(acc)), maps, diff};
+  }
   const double h_red = mean_heads ? 1.0 : static_cast<double>(H);
   loss.mul_(1.0 / (static_cast<double>(N) * h_red * (weights.has_value() ? 1.0 : static_cast<double>(S))));
   return {out, nothing(q, acc), nothing(q, acc), loss, maps, diff};
@@ -308,7 +312,7 @@ std::vector<Tensor> subject_backward(const Tensor& q, const Tensor& k, const Ten
   const bool paired = !(mean_heads && detach_reference);
   SubjectKeys keys(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, scale, paired);
   Tensor factor;
-  if (dloss.has_value()) {
+  if (dloss.has_value() && N > 0) {  // no queries: no chunk to scale
     factor = map_grad_scale(*dloss, weights, N, H, S, mean_heads, keys.acc);
   }
   const int64_t W = keys.width;
@@ -352,6 +356,9 @@ std::vector<Tensor> subject_backward(const Tensor& q, const Tensor& k, const Ten
     dkeys = add_bmm(tune, dkeys, ds.transpose(1, 2), qc);
   }
   const int64_t M = k.size(2), M_ref = k_ref.size(2);
+  if (!dkeys.defined()) {  // no queries: nothing reaches the keys
+    dkeys = at::zeros({B * H, keys.segments * W, D}, q.options().dtype(keys.acc));
+  }
   dkeys = dkeys.view({B, H, -1, D});
   dk_out.copy_(dkeys.narrow(2, 0, M));
   if (!dv.defined()) {

@@ -63,7 +63,7 @@ def _chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
     the block budget is a target, so a 256-query layer is one chunk of 256, not 212 + 44 (the
     second chunk cost as many calls as the first). The C++ core splits the same way."""
     count = max(1, (n + rows_per_chunk // 2) // rows_per_chunk)
-    size = -(-n // count)
+    size = max(1, -(-n // count))  # n = 0: no chunk
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -268,7 +268,7 @@ def _map_grad_scale(inp: SubjectInputs, dloss: Optional[Tensor], acc: torch.dtyp
     """Factor turning diff into the map gradient scattered onto dP: 2 · dloss[b] · w[b, s] /
     (N · H_red), with H_red = H per head, and for head-mean maps a further 1/H (each head's P
     carries 1/H of the mean). [B, 1, (1,) 1] for rectangular rows (w = 1/S), [B, 1, (1,) S] ragged."""
-    if dloss is None:
+    if dloss is None or inp.num_queries == 0:  # no queries: no chunk to scale
         return None
     S, H = inp.num_selected, inp.heads
     c = dloss.to(acc) * (2.0 / (inp.num_queries * H))  # H: H_red per head, the 1/H of a mean
@@ -418,6 +418,8 @@ def _subject_forward_python(inp: SubjectInputs) -> SubjectForwardResult:
             maps[..., rows, :] = a[..., :S]
         part = _weighted_square_sum(d, inp.weights)
         loss = part if loss is None else loss.add_(part)  # chunks in order: reproducible bits
+    if loss is None:  # no queries: the mean over an empty set, as torch.mean gives it
+        return out, lse, lse_ref, q.new_full((B,), float("nan"), dtype=keys.acc), maps, diff
     h_red = 1 if inp.mean_heads else H
     loss.mul_(1.0 / (N * h_red * (S if inp.weights is None else 1)))
     return out, lse, lse_ref, loss, maps, diff
@@ -465,6 +467,8 @@ def _subject_backward_python(inp: SubjectInputs, diff: Tensor, dout: Optional[Te
             dq[:, :, rows] = dq_c.mul_(keys.scale)
         dkeys = _add_bmm(dkeys, ds.transpose(1, 2), qc)
     M, M_ref = inp.k.shape[2], inp.k_ref.shape[2]
+    if dkeys is None:  # no queries: nothing reaches the keys
+        dkeys = q.new_zeros(B * H, keys.segments * W, D, dtype=keys.acc)
     dkeys = dkeys.view(B, H, -1, D)
     dk_out.copy_(dkeys[:, :, :M])
     if dv is None:
