@@ -135,8 +135,8 @@ struct SubjectKeys {
     bias = all.view({B * H, 1, 2 * width});
   }
 
-  // [B·H, c, D] contiguous acc-dtype copy of rows [start, start + c) of t [B, H, N, D], times
-  // scale when scale != 1 is asked for (the logit scale is folded into the query chunk).
+  // [B·H, c, D] contiguous acc-dtype copy of rows [start, start + c) of t [B, H, N, D], times the
+  // logit scale when `scaled` (the scale is folded into the query chunk, not into the keys).
   Tensor queries(const Tensor& t, int64_t start, int64_t c, bool scaled) const {
     Tensor chunk = t.narrow(2, start, c);
     Tensor out = at::empty({B, H, c, t.size(3)}, t.options().dtype(acc));
