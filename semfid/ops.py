@@ -90,12 +90,26 @@ def _xattn_setup_context(ctx, inputs, output):
     ctx.eager = False
 
 
+def _refuse_double_backward(op: str) -> None:
+    """The backward passes are not themselves differentiable: they take the saved softmax
+    statistics (lse, the head-mean diff) as constants, so a graph built through them
+    (``create_graph=True``) would give wrong second derivatives. Say so instead."""
+    if torch.is_grad_enabled() and not _traced():
+        raise RuntimeError(
+            f"semfid.{op} does not support double backward (create_graph=True): its backward "
+            "treats saved softmax statistics as constants, so second derivatives would be wrong. "
+            "Take the first gradient without create_graph, or use the explicit-softmax reference "
+            "(semfid.testing) where higher-order terms are needed."
+        )
+
+
 def _xattn_backward(ctx, dout, dlse, dmaps):
     q, k, v, bias, select, out, lse = ctx.saved_tensors
     dout = dout if v is not None else None
     dmaps = dmaps if select is not None else None
     if dout is None and dmaps is None:
         return (None,) * 8
+    _refuse_double_backward("cross_attention / attention_maps")
     dq, dk, dv = (_xattn_bwd_impl if ctx.eager else _xattn_bwd)(
         q, k, v, bias, select, ctx.scale, ctx.mean_heads, out, lse, dout, dmaps, ctx.backend
     )
@@ -194,6 +208,7 @@ def _subject_setup_context(ctx, inputs, output):
 def _subject_backward(ctx, dout, dlse, dlse_ref, dloss, dmaps, ddiff):
     if dout is None and dloss is None and dmaps is None:
         return (None,) * 14
+    _refuse_double_backward("subject_attention")
     (q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, out, lse, lse_ref,
      diff) = ctx.saved_tensors
     dq, dk, dv, dk_ref = (_subject_bwd_impl if ctx.eager else _subject_bwd)(

@@ -142,6 +142,27 @@ def test_no_queries_match_the_reference(use_core: bool, head_reduce: str, monkey
         assert g.shape == t.shape and not g.any()
 
 
+@pytest.mark.parametrize("path", ["core", "python", "cross_attention"])
+def test_double_backward_is_refused_not_silently_wrong(path: str, monkeypatch):
+    """Backward takes lse / the head-mean diff as constants: a graph through it would carry wrong
+    second derivatives, so create_graph=True raises, naming the op, on every path."""
+    if path == "core" and CORE is None:
+        pytest.skip(f"semfid._cpu_ops: {_cpu_core.status()}")
+    monkeypatch.setattr(torch_backend, "USE_CPU_CORE", path == "core")
+    q = torch.randn(2, 3, 9, 8, requires_grad=True)
+    k, v, k_ref = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    if path == "cross_attention":
+        _, maps = semfid.cross_attention(q, k, v, select=[1, 2], backend="torch")
+        total, op = maps.sum(), "cross_attention"
+    else:
+        _, loss = semfid.subject_attention(q, k, v, k_ref, tokens=[1, 2], backend="torch")
+        total, op = loss.sum(), "subject_attention"
+    with pytest.raises(RuntimeError, match=f"semfid.{op}.*double backward"):
+        torch.autograd.grad(total, q, create_graph=True)
+    (g,) = torch.autograd.grad(total, q)  # a plain first gradient still works
+    assert torch.isfinite(g).all()
+
+
 @needs_core
 def test_core_runs_as_one_native_autograd_node(monkeypatch):
     q, k, v, k_ref = (torch.randn(1, 2, n, 8, requires_grad=True) for n in (5, 7, 7, 7))

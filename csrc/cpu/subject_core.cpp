@@ -414,6 +414,12 @@ class SubjectFunction : public torch::autograd::Function<SubjectFunction> {
     if (!dout.has_value() && !dloss.has_value() && !dmaps.has_value()) {
       return result;
     }
+    // As semfid.ops._refuse_double_backward: this backward takes diff as a constant.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "semfid.subject_attention does not support double backward (create_graph=True): its "
+                "backward treats saved softmax statistics as constants, so second derivatives would "
+                "be wrong. Take the first gradient without create_graph, or use the explicit-softmax "
+                "reference (semfid.testing) where higher-order terms are needed.");
     auto saved = ctx->get_saved_variables();
     auto tuning = ctx->saved_data["tuning"].toIntVector();
     std::vector<Tensor> g = subject_backward(
