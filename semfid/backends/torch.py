@@ -357,10 +357,8 @@ class TorchBackend(BackendBase):
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
         core = _core_for(inp.q)
         if core is not None:
-            return tuple(core.subject_forward(  # pybind returns a list: autograd wants a tuple
-                inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-                inp.weights, inp.scale, inp.mean_heads, inp.return_maps, _BLOCK_ELEMENTS,
-                _MIN_CHUNK, _NARROW))
+            # pybind returns a list: autograd and the op's callers want a tuple
+            return tuple(core.subject_forward(*_core_inputs(inp), inp.return_maps, *_core_tuning()))
         return _subject_forward_python(inp)
 
     @staticmethod
@@ -368,12 +366,9 @@ class TorchBackend(BackendBase):
                          dmaps) -> SubjectBackwardResult:
         core = _core_for(inp.q)
         if core is not None:
-            return tuple(core.subject_backward(
-                inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-                inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, diff, dout, dloss,
-                dmaps, _BLOCK_ELEMENTS, _MIN_CHUNK, _NARROW))
+            return tuple(core.subject_backward(*_core_inputs(inp), inp.detach_reference, diff,
+                                               dout, dloss, dmaps, *_core_tuning()))
         return _subject_backward_python(inp, diff, dout, dloss, dmaps)
-
 
     @classmethod
     def eager_subject(cls, inp: SubjectInputs) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
@@ -383,10 +378,19 @@ class TorchBackend(BackendBase):
                and cls.subject_backward is TorchBackend.subject_backward)
         if core is None or not own:
             return None
-        return tuple(core.subject_attention(
-            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference, inp.return_maps,
-            _BLOCK_ELEMENTS, _MIN_CHUNK, _NARROW))
+        return tuple(core.subject_attention(*_core_inputs(inp), inp.detach_reference,
+                                            inp.return_maps, *_core_tuning()))
+
+
+def _core_inputs(inp: SubjectInputs) -> tuple:
+    """The leading arguments every C++ core function takes, in its order."""
+    return (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
+            inp.weights, inp.scale, inp.mean_heads)
+
+
+def _core_tuning() -> tuple:
+    """The chunking / orientation constants, read at call time (tests patch them)."""
+    return _BLOCK_ELEMENTS, _MIN_CHUNK, _NARROW
 
 
 def _core_for(q: Tensor):
@@ -424,8 +428,9 @@ def _subject_forward_python(inp: SubjectInputs) -> SubjectForwardResult:
     loss.mul_(1.0 / (N * h_red * (S if inp.weights is None else 1)))
     return out, lse, lse_ref, loss, maps, diff
 
+
 def _subject_backward_python(inp: SubjectInputs, diff: Tensor, dout: Optional[Tensor],
-                         dloss: Optional[Tensor], dmaps: Optional[Tensor]) -> SubjectBackwardResult:
+                             dloss: Optional[Tensor], dmaps: Optional[Tensor]) -> SubjectBackwardResult:
     q = inp.q
     B, H, N, D = q.shape
     dq, dk_out, dv_out, dk_ref_out = empty_subject_grads(q, inp.k, inp.v, inp.k_ref,
