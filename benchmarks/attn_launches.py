@@ -6,6 +6,9 @@ kernel (not views, not allocations) is counted, and so is every Triton kernel la
 opened up: their Python implementation runs under the counter, so the copies, casts and reductions
 a backend does around its kernels are counted too. For each launch the bytes of the tensors it is
 given are added up (:mod:`attn_traffic`): the modelled traffic of the implementation's passes.
+The torch backend's small-layer loops on CPU tensors (``csrc/cpu/subject_small.cpp``, layers of at
+most ``semfid.backends.torch._SMALL_WORK`` multiply-adds) are plain C++, not aten ops, and are not
+seen: count those shapes with ``_SMALL_WORK = 0``.
 
 On a machine without a GPU the Triton path (the one a GPU runs) is observed in a child process with
 ``TRITON_INTERPRET=1`` (it must be set before triton is imported): the launch count on a tiny shape

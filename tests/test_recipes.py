@@ -199,8 +199,10 @@ def test_textual_inversion_recipe_with_and_without_checkpointing(tmp_path):
     directory = build_tiny_pipeline("sd15", tmp_path / "sd15")
     plain = _textual_inversion(directory, checkpointing=False)
     ckpt = _textual_inversion(directory, checkpointing=True)
-    for (total, subject), (total_c, subject_c) in zip(plain[0], ckpt[0]):
-        assert float(subject.min()) > 0
+    for step, ((total, subject), (total_c, subject_c)) in enumerate(zip(plain[0], ckpt[0])):
+        # step 0: the placeholder still has its initializer's embedding, so the target and the
+        # aligned reference prompt encode alike and the maps agree (loss 0 up to rounding)
+        assert float(subject.max()) < 1e-15 if step == 0 else float(subject.min()) > 0
         assert torch.equal(total, total_c) and torch.equal(subject, subject_c)
     for g, g_c in zip(plain[1], ckpt[1]):
         assert g.abs().sum() > 0 and torch.equal(g, g_c)

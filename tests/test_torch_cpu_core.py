@@ -20,10 +20,10 @@ from semfid import _cpu_core
 from semfid.backends import torch as torch_backend
 from semfid.backends.base import empty_subject_outputs
 from semfid._inputs import SubjectInputs
-from semfid.testing import subject_ref
+from semfid.testing import assert_close_rule, subject_ref
 
 from csrc.cpu_build import optional_build_ext
-from test_ops_reference import CASES, test_subject_attention_matches_reference
+from test_ops_reference import CASES, GRAD_FACTOR, _tolerance, test_subject_attention_matches_reference
 
 CORE = _cpu_core.module()
 needs_core = pytest.mark.skipif(CORE is None, reason=f"semfid._cpu_ops: {_cpu_core.status()}")
@@ -68,39 +68,51 @@ BRANCHES = [
 ]
 
 
-def _run(branch: Branch, use_core: bool, monkeypatch) -> list:
-    """Outputs and gradients of one subject_attention call on diffusers-layout inputs."""
-    monkeypatch.setattr(torch_backend, "USE_CPU_CORE", use_core)
-    if branch.chunk is not None:
-        monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 1)
-        monkeypatch.setattr(torch_backend, "_MIN_CHUNK", branch.chunk)
+def _inputs(branch: Branch) -> tuple:
+    """(q, k, v, k_ref) leaves in diffusers' layout, and subject_attention's keyword arguments."""
     gen = torch.Generator().manual_seed(7)
     B, H, N, M, D = 2, 3, branch.N, 77, 8 if branch.chunk != 5 else 4
 
-    def views(L: int, grad: bool) -> torch.Tensor:  # [B, H, L, D] over [B, L, H·D] memory
+    def views(L: int) -> torch.Tensor:  # [B, H, L, D] over [B, L, H·D] memory
         x = torch.randn(B, L, H * D, generator=gen).to(branch.dtype)
-        return x.view(B, L, H, D).transpose(1, 2).detach().requires_grad_(grad)
+        return x.view(B, L, H, D).transpose(1, 2).detach().requires_grad_(True)
 
-    q, k, v, k_ref = views(N, True), views(M, True), views(M, True), views(branch.M_ref, True)
-    tokens = [[1, 2, 3], [4, 60]] if branch.ragged else [1, 2, 60]
-    ref_tokens = [[0, 5, 6], [3, 9]] if branch.ragged else [0, 5, 9]
+    q, k, v, k_ref = views(N), views(M), views(M), views(branch.M_ref)
     bias = None
     if branch.bias != "none":
         bias = torch.zeros(B, M).masked_fill(torch.arange(M) > 65, float("-inf"))
         if branch.bias == "dead":
             bias[1] = float("-inf")
-    res = semfid.subject_attention(q, k, v, k_ref, tokens=tokens, ref_tokens=ref_tokens,
-                                   attn_bias=bias, head_reduce=branch.head_reduce,
-                                   detach_reference=branch.detach, return_maps=branch.return_maps,
-                                   backend="torch")
+    kw = dict(tokens=[[1, 2, 3], [4, 60]] if branch.ragged else [1, 2, 60],
+              ref_tokens=[[0, 5, 6], [3, 9]] if branch.ragged else [0, 5, 9],
+              attn_bias=bias, head_reduce=branch.head_reduce, detach_reference=branch.detach,
+              return_maps=branch.return_maps)
+    return (q, k, v, k_ref), kw
+
+
+def _outputs_and_grads(branch: Branch, res, inputs) -> list:
+    """res (out, loss[, maps]) and the gradients of one scalar built from what ``branch.grads`` names."""
     out, loss = res[0], res[1]
-    terms = {"both": [out.float().square().sum(), 100 * loss.sum()],
+    terms = {"both": [out.double().square().sum(), 100 * loss.sum()],
              "loss": [100 * loss.sum()], "maps": []}[branch.grads]
     if branch.return_maps:
-        terms.append(10 * (res[2] * torch.linspace(0, 1, res[2].shape[-1])).sum())
-    inputs = [q, k, v] + ([] if branch.detach else [k_ref])
-    grads = torch.autograd.grad(sum(terms), inputs, allow_unused=True)
+        terms.append(10 * (res[2] * torch.linspace(0, 1, res[2].shape[-1], dtype=res[2].dtype)).sum())
+    wrt = list(inputs[:3]) + ([] if branch.detach else [inputs[3]])
+    grads = torch.autograd.grad(sum(terms), wrt, allow_unused=True)
     return list(res) + list(grads)
+
+
+def _run(branch: Branch, use_core: bool, monkeypatch, small_loops: bool = False) -> list:
+    """Outputs and gradients of one subject_attention call on diffusers-layout inputs; in the
+    core, through its ATen chunk loop or (small_loops) through csrc/cpu/subject_small.cpp."""
+    monkeypatch.setattr(torch_backend, "USE_CPU_CORE", use_core)
+    monkeypatch.setattr(torch_backend, "_SMALL_WORK", 1 << 40 if small_loops else 0)
+    if branch.chunk is not None:
+        monkeypatch.setattr(torch_backend, "_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(torch_backend, "_MIN_CHUNK", branch.chunk)
+    inputs, kw = _inputs(branch)
+    res = semfid.subject_attention(*inputs, backend="torch", **kw)
+    return _outputs_and_grads(branch, res, inputs)
 
 
 @needs_core
@@ -118,6 +130,47 @@ def test_core_matches_python_bit_for_bit(branch: Branch, monkeypatch):
             f"{p.dtype} {tuple(p.shape)} {p.stride()}")
         assert torch.equal(c, p) or (torch.isnan(c) == torch.isnan(p)).all() and torch.equal(
             c.nan_to_num(0.0), p.nan_to_num(0.0)), f"{branch.name}: result {i} differs"
+
+
+SMALL_BRANCHES = [b for b in BRANCHES if b.N > 0]  # N = 0 stays in the chunk loop
+
+
+@needs_core
+@pytest.mark.parametrize("branch", SMALL_BRANCHES, ids=lambda b: b.name)
+def test_small_layer_loops_match_the_reference(branch: Branch, monkeypatch):
+    """csrc/cpu/subject_small.cpp on every branch: float64 reference, flash-attention's rule
+    (2x plain PyTorch's error for outputs, 3x for gradients), and the chunk loop's layouts."""
+    inputs, kw = _inputs(branch)
+    q, k, v, k_ref = inputs
+    assert CORE.takes_small_loops(q, k, v, k_ref, torch.zeros(2, 3, dtype=torch.long), 1 << 40)
+    got = _run(branch, True, monkeypatch, small_loops=True)
+    chunked = _run(branch, True, monkeypatch, small_loops=False)
+    ins64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = _outputs_and_grads(branch, subject_ref(*ins64, **kw), ins64)
+    insp = [t.detach().clone().requires_grad_(True) for t in inputs]
+    plain = _outputs_and_grads(branch, subject_ref(*insp, upcast=False, **kw), insp)
+    n_out = 3 if branch.return_maps else 2
+    names = ["out", "loss", "maps"][:n_out] + ["dq", "dk", "dv", "dk_ref"]
+    grad_atol = _tolerance(branch.dtype, *(r for r in ref[n_out:] if r is not None))
+    for i, (name, g, r, p, c) in enumerate(zip(names, got, ref, plain, chunked)):
+        if r is None:  # no path to this input (maps only: v); the op returns zeros there
+            assert g is None or not g.any(), f"{branch.name}: {name} has a gradient only in the small loops"
+            continue
+        assert (g.dtype, g.shape, g.stride()) == (c.dtype, c.shape, c.stride()), (
+            f"{branch.name}: {name}: small loops {g.dtype} {g.stride()} vs chunk loop {c.dtype} {c.stride()}")
+        is_grad = i >= n_out
+        assert_close_rule(f"{branch.name}: {name}", g, r, p, factor=GRAD_FACTOR if is_grad else 2.0,
+                          atol=grad_atol if is_grad else _tolerance(branch.dtype, r))
+
+
+@needs_core
+def test_small_layer_loops_reject_out_of_range_tokens():
+    """The C++ entry points check the token indices themselves (no out-of-bounds read)."""
+    q, k, v, k_ref = (torch.randn(1, 2, n, 8) for n in (5, 7, 7, 7))
+    bad = torch.tensor([[1, 7]])
+    args = (q, k, v, k_ref, None, None, bad, torch.tensor([[0, 1]]), None, 0.3, True, False)
+    with pytest.raises(IndexError, match=r"tokens\[0, 1\] = 7 is outside \[0, 7\)"):
+        CORE.subject_forward(*args, *torch_backend._core_tuning()[:3], 1 << 40)
 
 
 @pytest.mark.parametrize("use_core", [True, False], ids=["core", "python"])
@@ -177,8 +230,11 @@ def test_core_runs_as_one_native_autograd_node(monkeypatch):
 @pytest.mark.parametrize("mean_heads", [True, False])
 @pytest.mark.parametrize("return_maps", [True, False])
 @pytest.mark.parametrize("detach", [True, False])
-def test_core_layouts_are_the_contracts(mean_heads: bool, return_maps: bool, detach: bool):
+@pytest.mark.parametrize("small_work", [0, 1 << 40], ids=["chunk_loop", "small_loops"])
+def test_core_layouts_are_the_contracts(mean_heads: bool, return_maps: bool, detach: bool,
+                                        small_work: int, monkeypatch):
     """The C++ functions allocate themselves: their layouts must be the fakes' (base.py)."""
+    monkeypatch.setattr(torch_backend, "_SMALL_WORK", small_work)
     q = torch.randn(2, 9, 3, 4).transpose(1, 2)
     k, v, k_ref = (torch.randn(2, 11, 3, 4).transpose(1, 2) for _ in range(3))
     inp = SubjectInputs.validate(q, k, v, k_ref, tokens=[1, 2], head_reduce="mean" if mean_heads else "none",

@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 
+#include "subject_small.h"
+
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -33,6 +35,7 @@ struct Tuning {
   int64_t block_elements;  // elements of one [B, H, chunk, K] probability block
   int64_t min_chunk;       // fewest query rows per chunk
   int64_t narrow;          // products with fewer output columns than this are computed transposed
+  int64_t small_work;      // layers of at most this many forward multiply-adds take subject_small.cpp
 };
 
 // Rows per chunk for n queries (Python: _chunk_rows and _chunks): about block_elements / (B·H·K)
@@ -254,9 +257,13 @@ std::vector<Tensor> subject_forward(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& ref_bias, const Tensor& tokens,
                                     const Tensor& ref_tokens, const OptTensor& weights, double scale,
                                     bool mean_heads, bool return_maps, int64_t block_elements,
-                                    int64_t min_chunk, int64_t narrow) {
+                                    int64_t min_chunk, int64_t narrow, int64_t small_work) {
+  if (semfid_cpu::small_layer_applies(q, k, v, k_ref, tokens, small_work)) {
+    return semfid_cpu::small_forward(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, scale,
+                                     mean_heads, return_maps);
+  }
   at::NoGradGuard no_grad;
-  const Tuning tune{block_elements, min_chunk, narrow};
+  const Tuning tune{block_elements, min_chunk, narrow, small_work};
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), S = tokens.size(1);
   SubjectKeys keys(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, scale, /*paired=*/true);
   const at::ScalarType acc = keys.acc;
@@ -302,9 +309,13 @@ std::vector<Tensor> subject_backward(const Tensor& q, const Tensor& k, const Ten
                                      bool mean_heads, bool detach_reference, const Tensor& diff,
                                      const OptTensor& dout, const OptTensor& dloss,
                                      const OptTensor& dmaps, int64_t block_elements,
-                                     int64_t min_chunk, int64_t narrow) {
+                                     int64_t min_chunk, int64_t narrow, int64_t small_work) {
+  if (semfid_cpu::small_layer_applies(q, k, v, k_ref, tokens, small_work)) {
+    return semfid_cpu::small_backward(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights, scale,
+                                      mean_heads, detach_reference, diff, dout, dloss, dmaps);
+  }
   at::NoGradGuard no_grad;
-  const Tuning tune{block_elements, min_chunk, narrow};
+  const Tuning tune{block_elements, min_chunk, narrow, small_work};
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), S = tokens.size(1);
   Tensor dq = at::empty_like(q), dk_out = at::empty_like(k), dv_out = at::empty_like(v);
   Tensor dk_ref_out = detach_reference ? at::empty({0}, q.options()) : at::empty_like(k_ref);
@@ -384,10 +395,10 @@ class SubjectFunction : public torch::autograd::Function<SubjectFunction> {
       const Tensor& k_ref, const OptTensor& bias, const OptTensor& ref_bias, const Tensor& tokens,
       const Tensor& ref_tokens, const OptTensor& weights, double scale, bool mean_heads,
       bool detach_reference, bool return_maps, int64_t block_elements, int64_t min_chunk,
-      int64_t narrow) {
+      int64_t narrow, int64_t small_work) {
     std::vector<Tensor> r = subject_forward(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weights,
                                             scale, mean_heads, return_maps, block_elements, min_chunk,
-                                            narrow);
+                                            narrow, small_work);
     const Tensor& diff = r[5];
     ctx->save_for_backward({q, k, v, k_ref, bias.value_or(Tensor()), ref_bias.value_or(Tensor()),
                             tokens, ref_tokens, weights.value_or(Tensor()), diff});
@@ -395,7 +406,7 @@ class SubjectFunction : public torch::autograd::Function<SubjectFunction> {
     ctx->saved_data["mean_heads"] = mean_heads;
     ctx->saved_data["detach_reference"] = detach_reference;
     ctx->saved_data["return_maps"] = return_maps;
-    ctx->saved_data["tuning"] = std::vector<int64_t>{block_elements, min_chunk, narrow};
+    ctx->saved_data["tuning"] = std::vector<int64_t>{block_elements, min_chunk, narrow, small_work};
     ctx->set_materialize_grads(false);
     if (!return_maps) {
       ctx->mark_non_differentiable({r[4]});
@@ -410,7 +421,7 @@ class SubjectFunction : public torch::autograd::Function<SubjectFunction> {
     auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
     OptTensor dout = optional(grads[0]), dloss = optional(grads[1]);
     OptTensor dmaps = return_maps ? optional(grads[2]) : OptTensor();
-    torch::autograd::variable_list result(16);  // one per forward argument, undefined: no gradient
+    torch::autograd::variable_list result(17);  // one per forward argument, undefined: no gradient
     if (!dout.has_value() && !dloss.has_value() && !dmaps.has_value()) {
       return result;
     }
@@ -426,7 +437,7 @@ class SubjectFunction : public torch::autograd::Function<SubjectFunction> {
         saved[0], saved[1], saved[2], saved[3], optional(saved[4]), optional(saved[5]), saved[6],
         saved[7], optional(saved[8]), ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["mean_heads"].toBool(), detach_reference, saved[9], dout, dloss, dmaps,
-        tuning[0], tuning[1], tuning[2]);
+        tuning[0], tuning[1], tuning[2], tuning[3]);
     result[0] = g[0];
     result[1] = g[1];
     result[2] = g[2];
@@ -446,18 +457,20 @@ std::vector<Tensor> subject_attention(const Tensor& q, const Tensor& k, const Te
                                       const Tensor& ref_tokens, const OptTensor& weights,
                                       double scale, bool mean_heads, bool detach_reference,
                                       bool return_maps, int64_t block_elements, int64_t min_chunk,
-                                      int64_t narrow) {
+                                      int64_t narrow, int64_t small_work) {
   // The reference keys get no gradient when detached: they are not an input of the graph node.
   Tensor k_ref_in = detach_reference ? k_ref.detach() : k_ref;
   return SubjectFunction::apply(q, k, v, k_ref_in, bias, ref_bias, tokens, ref_tokens, weights, scale,
                                 mean_heads, detach_reference, return_maps, block_elements,
-                                min_chunk, narrow);
+                                min_chunk, narrow, small_work);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "semfid's torch-backend subject op in C++ (see csrc/cpu/subject_core.cpp)";
   m.def("subject_forward", &subject_forward, "(out, lse, lse_ref, loss, maps, diff)");
   m.def("subject_backward", &subject_backward, "(dq, dk, dv, dk_ref)");
+  m.def("takes_small_loops", &semfid_cpu::small_layer_applies,
+        "(q, k, v, k_ref, tokens, small_work): whether a layer runs in subject_small.cpp");
   m.def("subject_attention", &subject_attention,
         "(out, loss, maps), differentiable: forward and backward both run in C++");
 }
