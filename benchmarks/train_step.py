@@ -9,7 +9,8 @@ Three ways of running the same step:
                 FastComposer style), written below on top of ``baselines.eager_*``;
 * ``floor``     plain ``AttnProcessor2_0`` (SDPA) and no attention loss: the cost of the step itself.
 
-Reported: step time (median ± IQR), peak GPU memory, and the cost of the loss over the floor.
+Reported: step time (median ± IQR), peak GPU memory, and the cost of the loss over the floor, as a
+ratio of medians and paired (the median over rounds of step / the floor's step in the same round).
 SD1.5 and SDXL; on CPU their structural twins (same layout, tiny widths) by default, on GPU the
 full-size configs with random weights at 512 / 1024 px.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -308,6 +310,13 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
     for r in rows:
         r["overhead_vs_floor_pct"] = (None if floor is None
                                       else round(100 * (r["ms_median"] / floor["ms_median"] - 1), 1))
+        # Paired: the median over rounds of this variant's step over the floor's step of the same
+        # round (neighbours in time), so load that drifts during the run cancels out.
+        paired = None
+        if floor is not None and samples.get("floor"):
+            pairs = [t / f for t, f in zip(samples[r["variant"]], samples["floor"])]
+            paired = round(100 * (statistics.median(pairs) - 1), 1) if pairs else None
+        r["paired_overhead_vs_floor_pct"] = paired
     if "semfid" in losses and "explicit" in losses:
         # Same weights, same inputs: both variants compute the same loss and gradients.
         a, b = losses["semfid"].float(), losses["explicit"].float()
@@ -326,12 +335,14 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
 
 def format_rows(rows: List[dict]) -> str:
     header = ["model", "config", "res", "B", "dtype", "variant", "step ms (median±IQR)", "peak MiB",
-              "loss cost vs floor"]
+              "loss cost vs floor", "paired"]
     table = [[r["model"], r["config"], str(r["res"]), str(r["batch"]), r["dtype"], r["variant"],
               f"{r['ms_median']:.1f}±{r['ms_iqr']:.1f}",
               "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
               "-" if r["overhead_vs_floor_pct"] is None or r["variant"] == "floor"
-              else f"{r['overhead_vs_floor_pct']:+.1f}%"] for r in rows]
+              else f"{r['overhead_vs_floor_pct']:+.1f}%",
+              "-" if r.get("paired_overhead_vs_floor_pct") is None or r["variant"] == "floor"
+              else f"{r['paired_overhead_vs_floor_pct']:+.1f}%"] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(t) for t in table])
@@ -383,7 +394,8 @@ def main(argv=None) -> int:
                           args.variants)
     print()
     print(format_rows(rows))
-    print(f"medians of {args.steps} interleaved steps per variant; {load_average()} at the end "
+    print(f"medians of {args.steps} interleaved steps per variant (paired: median over rounds of "
+          f"step / the floor's step in the same round); {load_average()} at the end "
           f"(load average {env['load_avg_1m']} at the start)")
     machine = env.get("gpu") or f"CPU: {env['cpu']} ({env['cpu_count']} cores)"
     if device.type == "cuda" and size == "full":

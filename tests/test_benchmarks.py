@@ -196,4 +196,6 @@ def test_train_step_smoke_reports_overhead_and_load(tmp_path, capsys):
     rows = {r["variant"]: r for r in json.loads(path.read_text())}
     assert set(rows) == {"semfid", "floor"}
     assert rows["floor"]["overhead_vs_floor_pct"] == 0.0
+    assert rows["floor"]["paired_overhead_vs_floor_pct"] == 0.0
+    assert rows["semfid"]["paired_overhead_vs_floor_pct"] is not None
     assert rows["semfid"]["ms_median"] > 0 and rows["semfid"]["load_avg_1m_end"] is not None

@@ -574,8 +574,10 @@ bool small_layer_applies(const Tensor& q, const Tensor& k, const Tensor& v, cons
   if (max_work <= 0 || !q.device().is_cpu() || !float_type || q.size(2) == 0 || tokens.size(1) == 0) {
     return false;
   }
-  const int64_t pairs = q.size(0) * q.size(1), N = q.size(2), D = q.size(3);
-  const int64_t work = pairs * N * ((k.size(2) + k_ref.size(2)) * D + k.size(2) * v.size(3));
+  // counted as the loops do it, on the padded buffers (a head dim of 4 costs as much as one of 16)
+  const int64_t pairs = q.size(0) * q.size(1), N = q.size(2), D = padded(q.size(3));
+  const int64_t M = padded(k.size(2)), M_ref = padded(k_ref.size(2)), Dv = padded(v.size(3));
+  const int64_t work = pairs * N * ((M + M_ref) * D + M * Dv);
   return work <= max_work;
 }
 

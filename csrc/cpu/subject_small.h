@@ -14,7 +14,8 @@
 namespace semfid_cpu {
 
 // Whether the loops take this layer: CPU, N > 0 and S > 0, and at most `max_work` multiply-adds
-// of the forward (B·H·N·(M + M_ref)·D + B·H·N·M·Dv); max_work <= 0 turns them off.
+// of the forward, B·H·N·((M + M_ref)·D + M·Dv) with M, M_ref, D, Dv rounded up to multiples of 16
+// as the loops' buffers are; max_work <= 0 turns them off.
 bool small_layer_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& k_ref, const at::Tensor& tokens, int64_t max_work);
 

@@ -56,10 +56,12 @@ _MIN_CHUNK = 64
 # The subject op runs in the C++ core (semfid._cpu_ops) on CPU tensors when it is built; tests
 # set this to False to run the Python implementation below, which the core is a port of.
 USE_CPU_CORE = True
-# Layers of at most this many forward multiply-adds, B·H·N·((M + M_ref)·D + M·Dv), run in the
-# core's plain loops (csrc/cpu/subject_small.cpp) instead of its ATen chunk loop; 0 turns them off.
-# Measured on the 2-core CPU (forward + backward, interleaved): loops/chunk loop 0.54 at 0.47 M
-# (SDXL twin's 16-query layers), 0.85 at 0.95 M, 1.18 at 1.9 M (its 64-query layers).
+# Layers of at most this many forward multiply-adds, B·H·N·((M + M_ref)·D + M·Dv) with every size
+# rounded up to a multiple of 16, run in the core's plain loops (csrc/cpu/subject_small.cpp)
+# instead of its ATen chunk loop; 0 turns them off. Measured on the 2-core CPU (forward +
+# backward, interleaved, loops / chunk loop): 0.54 at 0.49 M (SDXL twin's 16-query layers), 0.79
+# at 0.98 M (SD1.5 twin's 16-query layers, D = 8), 0.85 at 0.98 M, 1.18 at 2 M (SDXL twin's
+# 64-query layers), 1.2–1.8 at 3.9 M (SD1.5 twin's 64-query layers, D = 4).
 _SMALL_WORK = 1 << 20
 
 
