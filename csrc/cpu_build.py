@@ -8,6 +8,10 @@ headers (no CUDA), and compiles in about half a minute.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from typing import List
 
 from .build_config import _say, build_mode
@@ -31,10 +35,33 @@ def cpu_build() -> List[object]:
         return []
     # -fno-trapping-math: no FP operation is assumed to trap (the default IEEE environment), so
     # the compiler may vectorise loops with a select; results, inf and NaN are unchanged.
-    ext = CppExtension(name=NAME, sources=SOURCES,
-                       extra_compile_args={"cxx": ["-O3", "-fno-trapping-math"]})
+    cxx = ["-O3", "-fno-trapping-math"]
+    link: List[str] = []
+    if openmp_works():  # at::parallel_for is an OpenMP loop in torch's headers: without the flag
+        cxx.append("-fopenmp")  # it runs on one thread (the runtime is torch's own libgomp)
+        link.append("-fopenmp")
+    else:
+        _say("C++ CPU core: the compiler does not take -fopenmp; its small-layer loops run on one thread")
+    ext = CppExtension(name=NAME, sources=SOURCES, extra_compile_args={"cxx": cxx},
+                       extra_link_args=link)
     ext.optional = mode == "auto"
     return [ext]
+
+
+def openmp_works() -> bool:
+    """Whether the C++ compiler setuptools will use builds and links a file with -fopenmp."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        cmd = compiler.split() + ["-fopenmp", src, "-o", os.path.join(tmp, "probe")]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 def optional_build_ext(base: type) -> type:

@@ -22,6 +22,7 @@ from semfid.backends.base import empty_subject_outputs
 from semfid._inputs import SubjectInputs
 from semfid.testing import assert_close_rule, subject_ref
 
+from csrc import cpu_build
 from csrc.cpu_build import optional_build_ext
 from test_ops_reference import CASES, GRAD_FACTOR, _tolerance, test_subject_attention_matches_reference
 
@@ -265,6 +266,17 @@ def test_core_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(_cpu_core, "_module", None)
     monkeypatch.setenv("SEMFID_CPU_CORE", "0")
     assert _cpu_core.module() is None and _cpu_core.status() == "disabled by SEMFID_CPU_CORE=0"
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_openmp_flag_only_where_the_compiler_takes_it(works: bool, monkeypatch):
+    """at::parallel_for splits the small-layer loops over threads only when built with -fopenmp;
+    a compiler without it still builds the core (one thread)."""
+    monkeypatch.setattr(cpu_build, "openmp_works", lambda: works)
+    monkeypatch.setenv("SEMFID_BUILD_CPU", "1")
+    (ext,) = cpu_build.cpu_build()
+    assert ("-fopenmp" in ext.extra_compile_args["cxx"]) is works
+    assert ("-fopenmp" in ext.extra_link_args) is works
 
 
 def test_optional_build_failure_is_a_warning_not_an_abort(capsys):

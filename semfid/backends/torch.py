@@ -58,11 +58,11 @@ _MIN_CHUNK = 64
 USE_CPU_CORE = True
 # Layers of at most this many forward multiply-adds, B·H·N·((M + M_ref)·D + M·Dv) with every size
 # rounded up to a multiple of 16, run in the core's plain loops (csrc/cpu/subject_small.cpp)
-# instead of its ATen chunk loop; 0 turns them off. Measured on the 2-core CPU (forward +
-# backward, interleaved, loops / chunk loop): 0.54 at 0.49 M (SDXL twin's 16-query layers), 0.79
-# at 0.98 M (SD1.5 twin's 16-query layers, D = 8), 0.85 at 0.98 M, 1.18 at 2 M (SDXL twin's
-# 64-query layers), 1.2–1.8 at 3.9 M (SD1.5 twin's 64-query layers, D = 4).
-_SMALL_WORK = 1 << 20
+# instead of its ATen chunk loop; 0 turns them off. Measured on the 2-core CPU, forward + backward,
+# interleaved, loops / chunk loop: 0.49 at 0.49 M (SDXL twin's 16-query layers), 0.58 at 0.98 M
+# (SD1.5 twin's 16-query layers), 0.71 at 2.0 M (SDXL twin's 64-query layers), 1.09-1.20 at 3.9 M,
+# 1.4-1.6 from 15 M on.
+_SMALL_WORK = 1 << 21
 
 
 def _chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
