@@ -6,7 +6,8 @@
 // layers have 16 queries) that loop is a few dozen tiny ATen calls, and in Python the interpreter
 // between them cost more than the arithmetic; here the calls follow each other directly. The
 // Python implementation stays the reference and the fallback: tests compare the two on every
-// branch, and `semfid.backends.torch` uses this one only for CPU tensors in eager mode.
+// branch, and `semfid.backends.torch` uses this one only for CPU tensors in eager mode. Layers
+// below the `small_work` size run in subject_small.cpp's plain loops instead (same contract).
 //
 // Shapes (validated in Python, semfid/_inputs.py): q [B, H, N, D], k / v [B, H, M, D|Dv],
 // k_ref [B, H, M_ref, D], bias / ref_bias [B, H, M|M_ref] or undefined, tokens / ref_tokens
