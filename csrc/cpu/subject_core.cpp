@@ -27,10 +27,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Chunking and product orientation: the Python module's constants, passed in by the caller.
 struct Tuning {
   int64_t block_elements;  // elements of one [B, H, chunk, K] probability block
@@ -82,7 +78,7 @@ struct SubjectKeys {
   SubjectKeys(const Tensor& q, const Tensor& k, const Tensor& v_in, const Tensor& k_ref,
               const OptTensor& bias_in, const OptTensor& ref_bias, const Tensor& tokens,
               const Tensor& ref_tokens, double scale_, bool paired)
-      : scale(scale_), acc(acc_dtype(q.scalar_type())) {
+      : scale(scale_), acc(semfid_cpu::acc_dtype(q.scalar_type())) {
     B = k.size(0);
     H = k.size(1);
     M = k.size(2);

@@ -17,7 +17,8 @@
 // whose keys are all masked (-inf bias) given P = 0, as the ATen path's dead rows. Every sum runs
 // in the accumulation type (float32; float64 for float64 inputs); the key blocks are copied into
 // that type once per (b, h), in both row and column layouts, so that every inner loop walks
-// contiguous memory and the compiler can vectorise it without reordering a sum.
+// contiguous memory and the compiler can vectorise it (reductions over a row are split into
+// partial sums by hand, so their order differs from the chunk loop's by rounding only).
 
 #include "subject_small.h"
 
@@ -45,10 +46,6 @@ constexpr int64_t kPad = 16;
 
 int64_t padded(int64_t n) {
   return (n + kPad - 1) / kPad * kPad;
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Strided element access to a tensor of up to four dimensions (sizes checked by the caller).

@@ -13,6 +13,11 @@
 
 namespace semfid_cpu {
 
+// The accumulation type of both forms of the op: float64 for float64 inputs, else float32.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Whether the loops take this layer: CPU, N > 0 and S > 0, and at most `max_work` multiply-adds
 // of the forward, B·H·N·((M + M_ref)·D + M·Dv) with M, M_ref, D, Dv rounded up to multiples of 16
 // as the loops' buffers are; max_work <= 0 turns them off.
