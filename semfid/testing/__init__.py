@@ -8,6 +8,7 @@ generate (the one exception: :mod:`semfid.sefi.tiny` builds its tiny pipelines f
 * :mod:`.memory` — a deterministic counter of the bytes autograd saves for backward.
 * :mod:`.unets` — the SD1.5 / SDXL base UNet configs and their structural twins (same layer names,
   tiny widths) in ``configs/``, and a loader that builds random-weight UNets from them.
+* :mod:`.dits` — the same for the SD3 / SD3.5, Flux.1 dev and PixArt-Σ transformers.
 """
 
 from .memory import SavedBytes, saved_tensor_bytes
@@ -20,10 +21,11 @@ from .reference import (
     subject_ref,
     ulp_atol,
 )
+from .dits import DIT_CONFIGS, dit_from_config, load_dit_config
 from .unets import UNET_CONFIGS, load_unet_config, unet_from_config
 
 __all__ = [
     "SavedBytes", "saved_tensor_bytes", "assert_close_rule", "attention_ref", "gather_maps",
     "max_error", "probabilities", "subject_ref", "ulp_atol", "UNET_CONFIGS", "load_unet_config",
-    "unet_from_config",
+    "unet_from_config", "DIT_CONFIGS", "load_dit_config", "dit_from_config",
 ]
