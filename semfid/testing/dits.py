@@ -10,8 +10,7 @@ fast CPU tests and the tiny pipelines of :mod:`semfid.testing.tiny_dit`.
 
 from __future__ import annotations
 
-import json
-from importlib import resources
+from .unets import load_shipped_config
 
 DIT_MODELS = ("sd3_medium", "sd35_large", "sd35_medium", "flux_dev", "pixart_sigma")
 DIT_CONFIGS = tuple(f"{m}_transformer{t}" for m in DIT_MODELS for t in ("", "_twin"))
@@ -28,13 +27,7 @@ def load_dit_config(name: str) -> dict:
         TypeError: ``name`` is not a string.
         ValueError: ``name`` is not one of :data:`DIT_CONFIGS`.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    stem = name[:-5] if name.endswith(".json") else name
-    if stem not in DIT_CONFIGS:
-        raise ValueError(f"name must be one of {list(DIT_CONFIGS)}, got {name!r}")
-    text = resources.files(__package__).joinpath("configs", f"{stem}.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return load_shipped_config(name, DIT_CONFIGS)
 
 
 def dit_from_config(name: str, **overrides):

@@ -28,11 +28,16 @@ def load_unet_config(name: str) -> dict:
         TypeError: ``name`` is not a string.
         ValueError: ``name`` is not one of :data:`UNET_CONFIGS`.
     """
+    return load_shipped_config(name, UNET_CONFIGS)
+
+
+def load_shipped_config(name: str, choices) -> dict:
+    """The config ``name`` (one of ``choices``; a ``.json`` suffix is accepted) from ``configs/``."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     stem = name[:-5] if name.endswith(".json") else name
-    if stem not in UNET_CONFIGS:
-        raise ValueError(f"name must be one of {list(UNET_CONFIGS)}, got {name!r}")
+    if stem not in choices:
+        raise ValueError(f"name must be one of {list(choices)}, got {name!r}")
     text = resources.files(__package__).joinpath("configs", f"{stem}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
