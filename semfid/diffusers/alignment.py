@@ -68,7 +68,8 @@ def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[st
     parts = prompt.split(placeholder)
     if len(parts) < 2 and not allow_missing:
         raise ValueError(f"prompts[{row}] does not contain the placeholder {placeholder!r}: {prompt!r} "
-                         "(allow_missing=True aligns such rows with themselves)")
+                         "(allow_missing aligns rows meant to lack it, such as prior-preservation class "
+                         "prompts, with themselves)")
     ph = _pieces(tokenizer, placeholder)
     cls = _pieces(tokenizer, class_word) if class_word else []
     # spaces around the class word: decoded prompts may glue an added token to the next word
@@ -106,9 +107,20 @@ def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[st
     return ref_prompt, tuple(a for a, _ in keep), tuple(b for _, b in keep), labels
 
 
+def _missing_flags(allow_missing, rows: int) -> List[bool]:
+    """``allow_missing`` as one flag per prompt."""
+    if isinstance(allow_missing, bool):
+        return [allow_missing] * rows
+    flags = list(allow_missing) if isinstance(allow_missing, (list, tuple)) else None
+    if flags is None or len(flags) != rows or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"allow_missing must be a bool or one bool per prompt ({rows}), got {allow_missing!r}")
+    return flags
+
+
 def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: str,
                  class_word: Optional[str], *, which: str = "all",
-                 max_length: Optional[int] = None, allow_missing: bool = False) -> AlignedTokens:
+                 max_length: Optional[int] = None,
+                 allow_missing: Union[bool, Sequence[bool]] = False) -> AlignedTokens:
     r"""Reference prompts and aligned ``tokens`` / ``ref_tokens`` for a batch of target prompts.
 
     Args:
@@ -125,16 +137,20 @@ def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: st
             only the placeholder / class-word pairs.
         max_length (`int`, *optional*): defaults to the tokenizer's ``model_max_length`` (77);
             tokens cut off by truncation are left out, end-of-text is paired where it ends up.
-        allow_missing (`bool`, *optional*, defaults to False): a prompt without the placeholder
-            (a DreamBooth prior-preservation class prompt) becomes its own reference, every token
-            paired with itself, so its loss is 0 (``which="all"``).
+        allow_missing (`bool` or `list[bool]`, *optional*, defaults to False): which rows may lack
+            the placeholder (``True``: every row; a list: one flag per prompt). Give it only for rows
+            meant to lack it (DreamBooth prior-preservation class prompts): such a row becomes its
+            own reference, every token paired with itself, so its loss is 0 (``which="all"``).
+            A placeholder found in none of the prompts is an error whatever ``allow_missing`` says
+            (a mistyped identifier would otherwise give a loss of 0 on every row).
 
     Returns:
         :class:`AlignedTokens`
 
     Raises:
-        ValueError: a prompt lacks the placeholder or it is not a separate word, ``which`` is
-            unknown, nothing is left to align, or two tokenizers disagree.
+        ValueError: no prompt holds the placeholder, a prompt not allowed to lack it lacks it, it is
+            not a separate word, ``which`` is unknown, nothing is left to align, ``allow_missing``
+            has not one flag per prompt, or two tokenizers disagree.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -146,13 +162,17 @@ def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: st
         raise TypeError(f"class_word must be a string or None, got {type(class_word).__name__}")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    missing_ok = _missing_flags(allow_missing, len(prompts))
+    if not any(placeholder in p for p in prompts):
+        raise ValueError(f"the placeholder {placeholder!r} appears in none of the {len(prompts)} prompts "
+                         f"{list(prompts)!r}: check the identifier (its loss would be 0 on every row)")
     toks = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
     if not toks:
         raise ValueError("tokenizers must hold at least one tokenizer")
     results = []
     for tok in toks:
         limit = max_length or int(tok.model_max_length)
-        rows = [_align_one(tok, p, placeholder, class_word, which, limit, i, allow_missing)
+        rows = [_align_one(tok, p, placeholder, class_word, which, limit, i, missing_ok[i])
                 for i, p in enumerate(prompts)]
         results.append(rows)
     first = [(r[1], r[2]) for r in results[0]]
