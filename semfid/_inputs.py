@@ -17,6 +17,12 @@ Canonical form handed to a backend:
 ``ref_tokens`` [B, S] and ``weights`` [B, S] (the per-column loss weight of ragged rows, ``None`` for
 rectangular rows, where every column weighs 1/S). :class:`TokenSelection` is a token list validated
 once (e.g. per UNet call) and reused by many calls with no further check, copy or host sync.
+
+Joint key sets (diffusion transformers, OP_CONTRACT of issue 21): ``map_start`` / ``map_stop``
+(Python ints, default ``0`` / ``N``) are the queries the maps and the loss cover (``out`` covers
+all N); :class:`SubjectInputs` adds ``seg_start`` / ``seg_stop`` (default ``0`` / ``M``), the keys
+``k[:, :, seg_start:seg_stop]`` that ``k_ref`` replaces in the reference key sequence
+``cat(k[:, :, :seg_start], k_ref, k[:, :, seg_stop:])`` on which ``ref_tokens`` index.
 """
 
 from __future__ import annotations
@@ -99,6 +105,29 @@ def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
     return scale_f
 
 
+def _int_range(value, total: int, name: str, what: str) -> Tuple[int, int]:
+    """``None`` -> (0, total); a (start, stop) pair of Python ints with 0 <= start <= stop <= total
+    -> itself; anything else raises a TypeError / ValueError naming ``name``."""
+    if value is None:
+        return 0, total
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{name} must be a (start, stop) pair of ints over the {what}, or None; "
+                        f"got {value!r}")
+    start, stop = value
+    for v in (start, stop):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be a (start, stop) pair of ints over the {what}, got {value!r}")
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"{name} must satisfy 0 <= start <= stop <= {total} (the number of {what}), "
+                         f"got ({start}, {stop})")
+    return start, stop
+
+
+def _resolved(value: Optional[int], default: int) -> int:
+    return default if value is None else int(value)
+
+
 def _mean_heads(head_reduce: str) -> bool:
     if not isinstance(head_reduce, str) or head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, got {head_reduce!r}")
@@ -118,6 +147,13 @@ class XattnInputs:
     mean_heads: bool
     #: The validated selection behind ``select`` (its ``lengths`` tell ragged padding), or None.
     selection: Optional[TokenSelection] = None
+    #: Queries map_start..map_stop-1 get maps (None at construction: 0 / N; always ints after).
+    map_start: int = 0
+    map_stop: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "map_start", _resolved(self.map_start, 0))
+        object.__setattr__(self, "map_stop", _resolved(self.map_stop, self.q.shape[2]))
 
     # ---- sizes, for backends' not_supported_reasons -------------------------------------------
     @property
@@ -149,6 +185,17 @@ class XattnInputs:
         return 0 if self.select is None else self.select.shape[1]
 
     @property
+    def num_map_queries(self) -> int:
+        """map_stop - map_start: the query rows of the maps (and of the subject loss)."""
+        return self.map_stop - self.map_start
+
+    @property
+    def joint_ranges(self) -> bool:
+        """Whether the maps cover only part of the queries (or, for the subject op, the
+        reference replaces only part of the keys): the joint key-set layouts of issue 21."""
+        return (self.map_start, self.map_stop) != (0, self.q.shape[2])
+
+    @property
     def device(self) -> torch.device:
         return self.q.device
 
@@ -165,7 +212,8 @@ class XattnInputs:
         return (
             f"q: {_describe(self.q)}, k: {_describe(self.k)}, v: {_describe(self.v)}, "
             f"bias: {_describe(self.bias)}, select: {_describe(self.select)}, "
-            f"scale={self.scale:g}, head_reduce={'mean' if self.mean_heads else 'none'}"
+            f"scale={self.scale:g}, head_reduce={'mean' if self.mean_heads else 'none'}, "
+            f"map_queries=({self.map_start}, {self.map_stop})"
         )
 
     # ---- construction -----------------------------------------------------------------------------
@@ -180,6 +228,7 @@ class XattnInputs:
         attn_bias: Optional[torch.Tensor] = None,
         select: TokensLike = None,
         head_reduce: str = "mean",
+        map_queries: Optional[Tuple[int, int]] = None,
         names: Sequence[str] = ("q", "k", "v", "attn_bias", "select"),
     ) -> "XattnInputs":
         """Check user input and return it in canonical form.
@@ -192,11 +241,13 @@ class XattnInputs:
             attn_bias: additive per-key bias [B, M], [B, 1, M], [B, 1, 1, M] or [B, H, 1, M].
             select: key indices [S], [B, S], ragged per-row lists or a :class:`TokenSelection`.
             head_reduce: ``"mean"`` or ``"none"``.
+            map_queries: ``(start, stop)`` queries the maps cover (default all N).
             names: the user-facing argument names used in error messages.
 
         Raises:
             TypeError: wrong Python type or dtype.
-            ValueError: wrong rank, mismatched sizes or devices, unknown ``head_reduce``.
+            ValueError: wrong rank, mismatched sizes or devices, unknown ``head_reduce``,
+                ``map_queries`` outside ``[0, N]``.
             IndexError: a ``select`` index outside ``[0, M)``.
         """
         q_name, k_name, v_name, bias_name, select_name = names
@@ -207,8 +258,10 @@ class XattnInputs:
         mean_heads = _mean_heads(head_reduce)
         bias = _normalize_bias(attn_bias, B, H, M, q, bias_name)
         selection = None if select is None else _selection(select, B, M, q.device, select_name)
+        map_start, map_stop = _int_range(map_queries, q.shape[2], "map_queries", "queries (N)")
         return cls(q=q, k=k, v=v, bias=bias, select=None if selection is None else selection.index,
-                   scale=scale_f, mean_heads=mean_heads, selection=selection)
+                   scale=scale_f, mean_heads=mean_heads, selection=selection,
+                   map_start=map_start, map_stop=map_stop)
 
 
 @dataclass(frozen=True)
@@ -217,7 +270,10 @@ class SubjectInputs:
 
     ``q``, ``k``, ``v``, ``bias`` as in :class:`XattnInputs`; ``k_ref`` [B, H, M_ref, D] and
     ``ref_bias`` [B, H, M_ref] (or None) for the reference prompt; ``tokens`` / ``ref_tokens``
-    [B, S] int64; ``weights`` [B, S] float32 loss weights of ragged rows (None: 1/S each).
+    [B, S] int64; ``weights`` [B, S] float32 loss weights of ragged rows (None: 1/S each);
+    ``map_start`` / ``map_stop`` the queries of the maps and the loss, ``seg_start`` / ``seg_stop``
+    the keys of ``k`` that ``k_ref`` replaces (see the module docstring; None at construction means
+    the full range, ints after).
     """
 
     q: torch.Tensor
@@ -234,6 +290,15 @@ class SubjectInputs:
     detach_reference: bool
     return_maps: bool
     selection: Optional[TokenSelection] = None
+    map_start: int = 0
+    map_stop: Optional[int] = None
+    seg_start: int = 0
+    seg_stop: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        XattnInputs.__post_init__(self)
+        object.__setattr__(self, "seg_start", _resolved(self.seg_start, 0))
+        object.__setattr__(self, "seg_stop", _resolved(self.seg_stop, self.k.shape[2]))
 
     batch = XattnInputs.batch
     heads = XattnInputs.heads
@@ -242,11 +307,22 @@ class SubjectInputs:
     value_dim = XattnInputs.value_dim
     device = XattnInputs.device
     dtype = XattnInputs.dtype
+    num_map_queries = XattnInputs.num_map_queries
+
+    @property
+    def num_ref_keys(self) -> int:
+        """Length of the reference key sequence: M - (seg_stop - seg_start) + M_ref."""
+        return self.k.shape[2] - (self.seg_stop - self.seg_start) + self.k_ref.shape[2]
 
     @property
     def num_keys(self) -> int:
-        """max(M, M_ref): what a backend's key limit must hold."""
-        return max(self.k.shape[2], self.k_ref.shape[2])
+        """max(M, reference sequence length): what a backend's key limit must hold."""
+        return max(self.k.shape[2], self.num_ref_keys)
+
+    @property
+    def joint_ranges(self) -> bool:
+        """Non-default ``map_queries`` or ``ref_segment`` (see :attr:`XattnInputs.joint_ranges`)."""
+        return XattnInputs.joint_ranges.fget(self) or (self.seg_start, self.seg_stop) != (0, self.k.shape[2])
 
     @property
     def num_selected(self) -> int:
@@ -263,7 +339,9 @@ class SubjectInputs:
             f"k_ref: {_describe(self.k_ref)}, tokens: {_describe(self.tokens)}, "
             f"ref_tokens: {_describe(self.ref_tokens)}, ragged={self.weights is not None}, "
             f"scale={self.scale:g}, head_reduce={'mean' if self.mean_heads else 'none'}, "
-            f"detach_reference={self.detach_reference}"
+            f"detach_reference={self.detach_reference}, "
+            f"map_queries=({self.map_start}, {self.map_stop}), "
+            f"ref_segment=({self.seg_start}, {self.seg_stop})"
         )
 
     @classmethod
@@ -282,6 +360,8 @@ class SubjectInputs:
         head_reduce: str = "mean",
         detach_reference: bool = True,
         return_maps: bool = False,
+        map_queries: Optional[Tuple[int, int]] = None,
+        ref_segment: Optional[Tuple[int, int]] = None,
     ) -> "SubjectInputs":
         """Check the arguments of :func:`semfid.subject_attention` once; errors name the argument."""
         if v is None:
@@ -299,16 +379,20 @@ class SubjectInputs:
         mean_heads = _mean_heads(head_reduce)
         bias = _normalize_bias(attn_bias, B, H, M, q, "attn_bias")
         ref_bias = _normalize_bias(ref_attn_bias, B, H, M_ref, q, "ref_attn_bias")
+        map_start, map_stop = _int_range(map_queries, q.shape[2], "map_queries", "queries (N)")
+        seg_start, seg_stop = _int_range(ref_segment, M, "ref_segment", "keys of k (M)")
+        ref_len = M - (seg_stop - seg_start) + M_ref  # the reference key sequence
         target = _selection(tokens, B, M, q.device, "tokens")
         if ref_tokens is None:
-            if target.max_index >= M_ref:
+            if target.max_index >= ref_len:
                 raise IndexError(
-                    f"ref_tokens defaults to tokens, whose indices must then lie in [0, {M_ref}) "
-                    f"(M_ref = number of reference keys), got max {target.max_index}"
+                    f"ref_tokens defaults to tokens, whose indices must then lie in [0, {ref_len}) "
+                    f"(the reference key sequence: M - (ref_segment stop - start) + M_ref), "
+                    f"got max {target.max_index}"
                 )
             reference = target
         else:
-            reference = _selection(ref_tokens, B, M_ref, q.device, "ref_tokens")
+            reference = _selection(ref_tokens, B, ref_len, q.device, "ref_tokens")
         if reference.lengths != target.lengths:
             if not (target.ragged or reference.ragged):
                 raise ValueError(f"ref_tokens must select as many tokens as tokens "
@@ -321,7 +405,8 @@ class SubjectInputs:
         return cls(q=q, k=k, v=v, k_ref=k_ref, bias=bias, ref_bias=ref_bias, tokens=target.index,
                    ref_tokens=reference.index, weights=weights, scale=scale_f,
                    mean_heads=mean_heads, detach_reference=detach_reference, return_maps=return_maps,
-                   selection=target)
+                   selection=target, map_start=map_start, map_stop=map_stop, seg_start=seg_start,
+                   seg_stop=seg_stop)
 
 
 def _normalize_bias(

@@ -9,8 +9,9 @@ forward/backward pairs. ``acc`` is float32 (float64 for float64 inputs).
     out  [B, H, N, Dv] in q.dtype = P v, with the memory of a [B, N, H, Dv] tensor (so that
          ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is a view); empty when v is None.
     lse  [B, H, N] acc, natural log of Σ exp(logits); +inf on a row whose keys are all masked.
-    maps [B, H, N, S] (mean_heads=False) or [B, N, S] (mean_heads=True) acc = P[..., select]
-         (empty when select is None).
+    maps [B, H, Nm, S] (mean_heads=False) or [B, N, S] (mean_heads=True) acc = P[..., select]
+         over the map queries map_start..map_stop-1 (Nm of them; all N by default; empty when
+         select is None).
 ``backward(inp, out, lse, dout, dmaps) -> (dq, dk, dv)``: dout / dmaps may be None; dv is empty
     when v is None. Only what forward saved is used: never P.
 
@@ -19,8 +20,12 @@ subject-wise attention loss (SeFi-IDE). With A_t = P_t[..., tokens], A_r = P_r[.
 (P_r from k_ref / ref_bias), both head-averaged when mean_heads, and w the loss weights (1/S when
 ``inp.weights`` is None)::
 
-    diff    = A_t − A_r                                      [B, N, S] or [B, H, N, S]
-    loss[b] = Σ w[b, s] · diff² / (N · (1 if mean_heads else H))        [B] acc
+    diff    = A_t − A_r                                      [B, Nm, S] or [B, H, Nm, S]
+    loss[b] = Σ w[b, s] · diff² / (Nm · (1 if mean_heads else H))       [B] acc
+
+    over the Nm map queries; P_r is the softmax over the reference key sequence
+    ``cat(k[:, :, :seg_start], k_ref, k[:, :, seg_stop:])`` (k_ref alone by default), with the
+    bias of the keys outside the segment and ref_bias for k_ref.
 
     out, lse as above; lse_ref [B, H, N] acc when the reference is not detached or the maps are
     per head (empty otherwise). lse and lse_ref only exist for the backend's own backward (the
@@ -29,7 +34,7 @@ subject-wise attention loss (SeFi-IDE). With A_t = P_t[..., tokens], A_r = P_r[.
     (empty otherwise); diff [B, N, S] acc when mean_heads (the head mean needs every head: saved
     for backward), empty otherwise.
 ``subject_backward(inp, out, lse, lse_ref, diff, dout, dloss, dmaps) -> (dq, dk, dv, dk_ref)``:
-    c = 2 · dloss[b] / (N · H_red); G_t = c · w · diff (+ dmaps), G_r = −c · w · diff (only when
+    c = 2 · dloss[b] / (Nm · H_red); G_t = c · w · diff (+ dmaps), G_r = −c · w · diff (only when
     the reference is not detached), each divided by H per head for head-mean maps, scattered onto
     the selected columns of dP_t / dP_r before the softmax backward. dk_ref is empty when detached.
 
@@ -73,9 +78,11 @@ def empty_output(q: Tensor, v: Optional[Tensor]) -> Tensor:
     return q.new_empty(B, N, H, v.shape[3]).transpose(1, 2)
 
 
-def empty_maps(q: Tensor, num_selected: int, mean_heads: bool) -> Tensor:
-    """[B, N, S] (head mean) or [B, H, N, S] in the accumulation dtype."""
+def empty_maps(q: Tensor, num_selected: int, mean_heads: bool, rows: Optional[int] = None) -> Tensor:
+    """[B, Nm, S] (head mean) or [B, H, Nm, S] in the accumulation dtype; Nm = ``rows`` (the map
+    queries, default all N)."""
     B, H, N, _ = q.shape
+    N = N if rows is None else rows
     acc = accumulation_dtype(q.dtype)
     if mean_heads:
         return q.new_empty(B, N, num_selected, dtype=acc)
@@ -98,13 +105,15 @@ def empty_forward_outputs(
     v: Optional[Tensor],
     select: Optional[Tensor],
     mean_heads: bool,
+    map_rows: Optional[int] = None,
 ) -> ForwardResult:
-    """Allocate ``(out, lse, maps)`` with the shapes, dtypes and layouts of ``forward``.
+    """Allocate ``(out, lse, maps)`` with the shapes, dtypes and layouts of ``forward``
+    (``map_rows``: map_stop - map_start, default all N).
 
     The single source of these shapes: backends allocate their outputs with it and the fake
     (meta) implementation of ``semfid::xattn_fwd`` returns it.
     """
-    maps = nothing(q) if select is None else empty_maps(q, select.shape[1], mean_heads)
+    maps = nothing(q) if select is None else empty_maps(q, select.shape[1], mean_heads, map_rows)
     return empty_output(q, v), empty_lse(q), maps
 
 
@@ -130,16 +139,18 @@ def empty_subject_outputs(
     detach_reference: bool,
     return_maps: bool,
     saves_lse: bool = True,
+    map_rows: Optional[int] = None,
 ) -> SubjectForwardResult:
     """Allocate ``(out, lse, lse_ref, loss, maps, diff)`` of ``subject_forward`` (see above);
-    ``saves_lse`` is the backend's ``SUBJECT_SAVES_LSE``."""
+    ``saves_lse`` is the backend's :meth:`BackendBase.subject_saves_lse`, ``map_rows`` the number
+    of map queries (default all N)."""
     B, S = q.shape[0], tokens.shape[1]
     acc = accumulation_dtype(q.dtype)
     lse = empty_lse(q) if saves_lse else nothing(q)
     keep_ref = saves_lse and keeps_lse_ref(mean_heads, detach_reference)
     lse_ref = empty_lse(q) if keep_ref else nothing(q)
-    maps = empty_maps(q, S, mean_heads) if return_maps else nothing(q)
-    diff = empty_maps(q, S, True) if mean_heads else nothing(q)
+    maps = empty_maps(q, S, mean_heads, map_rows) if return_maps else nothing(q)
+    diff = empty_maps(q, S, True, map_rows) if mean_heads else nothing(q)
     return empty_output(q, v), lse, lse_ref, q.new_empty(B, dtype=acc), maps, diff
 
 
@@ -203,6 +214,8 @@ class BackendBase:
     #: Whether ``subject_forward`` returns lse / lse_ref (its backward reads them); False for a
     #: backend whose backward recomputes P with a softmax, which then returns both empty.
     SUBJECT_SAVES_LSE: ClassVar[bool] = True
+    #: Whether the backend runs non-default ``map_queries`` / ``ref_segment`` (joint key sets).
+    JOINT_RANGES: ClassVar[bool] = False
 
     # ---- availability -------------------------------------------------------------------------
     @classmethod
@@ -245,7 +258,15 @@ class BackendBase:
                     reasons.append(f"{label}={dim} > {cls.MAX_HEAD_DIM}")
         if cls.MAX_KEYS is not None and inp.num_keys > cls.MAX_KEYS:
             reasons.append(f"num_keys={inp.num_keys} > {cls.MAX_KEYS}")
+        if inp.joint_ranges and not cls.JOINT_RANGES:
+            reasons.append("map_queries / ref_segment other than the full ranges (joint key sets)")
         return reasons
+
+    @classmethod
+    def subject_saves_lse(cls, inp: SubjectInputs) -> bool:
+        """Whether ``subject_forward(inp)`` returns lse / lse_ref (``SUBJECT_SAVES_LSE`` unless a
+        backend's paths differ per input); the op's fake asks it too."""
+        return cls.SUBJECT_SAVES_LSE
 
     # ---- computation --------------------------------------------------------------------------
     @staticmethod

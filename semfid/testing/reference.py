@@ -49,13 +49,43 @@ def gather_maps(p: Tensor, select: Union[Tensor, Sequence[int]], head_reduce: st
     return maps.mean(dim=1) if head_reduce == "mean" else maps
 
 
+def _rows_of(map_queries: Optional[Tuple[int, int]]) -> slice:
+    """The query rows the maps and the loss cover (all of them by default)."""
+    return slice(None) if map_queries is None else slice(*map_queries)
+
+
 def attention_ref(q, k, v, *, scale=None, attn_bias=None, select=None, head_reduce="mean",
-                  upcast=True) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                  upcast=True, map_queries=None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """out = P v, and the maps P[:, :, map_queries][..., select] when ``select`` is given (P over
+    all M keys); ``v`` may be None for the maps alone."""
     p = probabilities(q, k, scale, attn_bias, upcast)
-    out = torch.matmul(p, v.to(p.dtype))
+    out = None if v is None else torch.matmul(p, v.to(p.dtype))
     if select is None:
         return out
-    return out, gather_maps(p, select, head_reduce)
+    return out, gather_maps(p[:, :, _rows_of(map_queries)], select, head_reduce)
+
+
+def reference_keys(k: Tensor, k_ref: Tensor, attn_bias: Optional[Tensor],
+                   ref_attn_bias: Optional[Tensor], ref_segment: Optional[Tuple[int, int]]
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+    """The reference key sequence ``cat(k[:, :, :start], k_ref, k[:, :, stop:])`` and its bias
+    [B, H or 1, 1, len] (the bias of the keys outside the segment, then ``ref_attn_bias``).
+    With no segment (the UNet meaning) these are ``k_ref`` and ``ref_attn_bias``."""
+    if ref_segment is None:
+        return k_ref, ref_attn_bias
+    start, stop = ref_segment
+    keys = torch.cat([k[:, :, :start], k_ref, k[:, :, stop:]], dim=2)
+    if attn_bias is None and ref_attn_bias is None:
+        return keys, None
+    B, H = k.shape[:2]
+    M, M_ref = k.shape[2], k_ref.shape[2]
+    b = _bias4(attn_bias) if attn_bias is not None else k.new_zeros(B, 1, 1, M, dtype=torch.float64)
+    r = (_bias4(ref_attn_bias) if ref_attn_bias is not None
+         else k.new_zeros(B, 1, 1, M_ref, dtype=torch.float64))
+    heads = max(b.shape[1], r.shape[1])
+    b = b.to(torch.float64).expand(B, heads, 1, M)
+    r = r.to(torch.float64).expand(B, heads, 1, M_ref)
+    return keys, torch.cat([b[..., :start], r, b[..., stop:]], dim=-1)
 
 
 def _rows(tokens, B: int):
@@ -71,19 +101,23 @@ def _rows(tokens, B: int):
 
 def subject_ref(q, k, v, k_ref, *, tokens, ref_tokens=None, scale=None, attn_bias=None,
                 ref_attn_bias=None, head_reduce="mean", detach_reference=True,
-                return_maps=False, upcast=True):
+                return_maps=False, upcast=True, map_queries=None, ref_segment=None):
     """(out, loss) or (out, loss, maps_t) of :func:`semfid.subject_attention`, row by row.
 
     ``tokens`` / ``ref_tokens`` may be ragged (a list of per-row lists): row b's loss is the mean
     over its own ``len(tokens[b])`` columns. ``maps_t`` is returned padded to the longest row,
-    with zeros in the padding columns.
+    with zeros in the padding columns. ``map_queries`` / ``ref_segment`` as in the op: P_r is an
+    explicit softmax over :func:`reference_keys` (a second full attention: this is a reference).
     """
     B = q.shape[0]
     p = probabilities(q, k, scale, attn_bias, upcast)
     out = torch.matmul(p, v.to(p.dtype))
-    p_ref = probabilities(q, k_ref, scale, ref_attn_bias, upcast)
+    keys_r, bias_r = reference_keys(k, k_ref, attn_bias, ref_attn_bias, ref_segment)
+    p_ref = probabilities(q, keys_r, scale, bias_r, upcast)
     if detach_reference:
         p_ref = p_ref.detach()
+    rows = _rows_of(map_queries)
+    p, p_ref = p[:, :, rows], p_ref[:, :, rows]
     rows_t = _rows(tokens, B)
     rows_r = _rows(tokens if ref_tokens is None else ref_tokens, B)
     losses, maps = [], []
