@@ -120,10 +120,16 @@ class SemfidAttnProcessor:
     diffusers' "unexpected kwargs" warning). Self-attention and cross-attention layers with nothing
     requested run ``F.scaled_dot_product_attention`` exactly like ``AttnProcessor2_0``.
 
+    It can be built with no arguments, as diffusers rebuilds processors (``type(old)()`` in
+    ``load_ip_adapter`` / ``unload_ip_adapter``): such a processor belongs to no controller and runs
+    ``AttnProcessor2_0``'s math; the controller swaps in a processor of its own at the next ``with``
+    block (:mod:`semfid.diffusers.adoption`). A deep copy is the stock processor it stands in for
+    (``AttnProcessor2_0``), so ``copy.deepcopy`` of an installed UNet gives a stock UNet.
+
     Args:
-        name (`str`): the layer name (processor key without ``.processor``).
-        owner (`object`): identity token of the controller that installed it; a call state of
-            another controller is rejected.
+        name (`str`, *optional*): the layer name (processor key without ``.processor``).
+        owner (`object`, *optional*): identity token of the controller that installed it; a call
+            state of another controller is rejected.
         active (`bool`, *optional*, defaults to `False`): whether this cross-attention layer was
             chosen by ``install(..., layers=...)`` and may capture maps / compute the loss.
 
@@ -131,7 +137,7 @@ class SemfidAttnProcessor:
         ImportError: PyTorch lacks ``scaled_dot_product_attention`` (install ``torch>=2.1``).
     """
 
-    def __init__(self, name: str, owner: Any, active: bool = False):
+    def __init__(self, name: Optional[str] = None, owner: Any = None, active: bool = False):
         if not hasattr(F, "scaled_dot_product_attention"):
             raise ImportError(
                 "SemfidAttnProcessor needs torch.nn.functional.scaled_dot_product_attention with a "
@@ -139,10 +145,15 @@ class SemfidAttnProcessor:
             )
         self.name = name
         self.owner = owner
-        self.active = bool(active)
+        self.active = bool(active) and owner is not None
 
     def __repr__(self) -> str:
-        return f"SemfidAttnProcessor(name={self.name!r}, active={self.active})"
+        return f"{type(self).__name__}(name={self.name!r}, active={self.active})"
+
+    def __deepcopy__(self, memo):
+        from .adoption import stock_equivalent  # adoption imports this module
+
+        return stock_equivalent(self, memo)
 
     def __call__(
         self,
@@ -169,6 +180,13 @@ class SemfidAttnProcessor:
         Returns:
             `torch.Tensor` shaped like ``hidden_states``.
         """
+        out, query, pro, _ = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                          semfid_call)
+        return _epilogue(attn, out, query.dtype, pro)
+
+    def _attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, semfid_call):
+        """Template steps up to the text attention: ``(out [B, H, N, D], query [B, H, N, D], prologue,
+        plan)``; the IP-Adapter processor adds its image branch to ``out`` before the epilogue."""
         plan = None
         if semfid_call is not None and encoder_hidden_states is not None and self.active:
             if semfid_call.owner is not self.owner:
@@ -218,8 +236,7 @@ class SemfidAttnProcessor:
         else:
             out = self._mapped_attention(attn, query, key, value, pro.attention_mask, plan,
                                          semfid_call, head_dim)
-
-        return _epilogue(attn, out, query.dtype, pro)
+        return out, query, pro, plan
 
     # ------------------------------------------------------------------------------------------
     def _mapped_attention(self, attn, query, key, value, mask, plan: LayerPlan,

@@ -1,0 +1,129 @@
+"""Which processors semfid stands in for, and how it keeps standing in when diffusers replaces them.
+
+diffusers' processor APIs rebuild processors behind semfid's back: ``load_ip_adapter`` /
+``unload_ip_adapter`` build ``type(old)()`` (a bare :class:`SemfidAttnProcessor`, no controller) on
+self-attention layers and ``IPAdapterAttnProcessor2_0`` / ``AttnProcessor2_0`` on cross-attention;
+``set_default_attn_processor`` and ``set_attention_slice(None)`` put stock processors everywhere;
+``fuse_qkv_projections`` / attention slicing / xformers put processors semfid does not reproduce.
+None of that runs through semfid, so the controller *adopts* at its next ``with`` block
+(:meth:`SemfidController._check_processors`): each processor of a class semfid reproduces exactly
+(:data:`REPLACEABLE`) is swapped for a semfid processor of that controller (the IP-Adapter one keeps
+the adapter's weights), anything else on a chosen layer is an error naming the layer.
+
+With no block active nothing is swapped: the UNet runs whatever diffusers put there.
+
+Two more pieces make diffusers' own APIs accept an installed model:
+
+* :func:`register_with_diffusers` adds semfid's classes to diffusers' ``CROSS_ATTENTION_PROCESSORS``
+  (the exact-class list ``set_default_attn_processor`` checks), so that call works on an installed
+  UNet and replaces every processor with ``AttnProcessor`` as it does on a stock one.
+* :func:`stock_equivalent` is what a semfid processor deep-copies as (``AttnProcessor2_0``, or
+  ``IPAdapterAttnProcessor2_0`` with copied adapter weights): ``copy.deepcopy`` of an installed UNet
+  is a stock UNet (the controller's hook copies as a no-op).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+from diffusers.models import attention_processor as _ap
+
+from .ip_adapter import SemfidIPAdapterAttnProcessor
+from .processors import SemfidAttnProcessor
+
+#: processor class names semfid reproduces exactly (install() accepts them; blocks adopt them)
+REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0", "SemfidAttnProcessor",
+               "SemfidIPAdapterAttnProcessor")
+_STOCK_PLAIN = tuple(c for c in (getattr(_ap, "AttnProcessor2_0", None), getattr(_ap, "AttnProcessor", None))
+                     if c is not None)
+_STOCK_IP = _ap.IPAdapterAttnProcessor2_0
+
+
+def is_semfid(processor, owner: Any) -> bool:
+    """A semfid processor of the controller whose identity token is ``owner``."""
+    return isinstance(processor, SemfidAttnProcessor) and processor.owner is owner
+
+
+def adopt(processor, name: str, owner: Any, active: bool,
+          make_plain: Callable[[], SemfidAttnProcessor]) -> Optional[SemfidAttnProcessor]:
+    r"""The semfid processor that stands in for ``processor`` on layer ``name``, or ``None``.
+
+    Args:
+        processor: what the layer holds now.
+        name, owner, active: the identity of the new processor (see :class:`SemfidAttnProcessor`).
+        make_plain: builds the plain semfid processor of this layer (the model family's).
+
+    Returns:
+        a :class:`SemfidIPAdapterAttnProcessor` sharing the adapter's weights for an IP-Adapter
+        processor (stock or semfid), ``make_plain()`` for ``AttnProcessor2_0`` / ``AttnProcessor`` /
+        a plain semfid processor, ``None`` for anything else (fused QKV, sliced, xformers, custom).
+    """
+    cls = type(processor)
+    if cls is _STOCK_IP or cls is SemfidIPAdapterAttnProcessor:
+        return SemfidIPAdapterAttnProcessor.adopt(processor, name, owner, active)
+    if cls in _STOCK_PLAIN or cls is SemfidAttnProcessor:
+        return make_plain()
+    return None
+
+
+def stock_equivalent(processor, memo: Optional[dict] = None):
+    """The diffusers processor a semfid processor stands in for (others are returned as they are).
+
+    With ``memo`` (inside ``copy.deepcopy``) the IP-Adapter weights are deep-copied, else shared.
+    """
+    if isinstance(processor, SemfidIPAdapterAttnProcessor):
+        with torch.device("meta"):
+            stock = _STOCK_IP(processor.hidden_size, processor.cross_attention_dim,
+                              list(processor.num_tokens), 1.0)
+        keep = (lambda m: copy.deepcopy(m, memo)) if memo is not None else (lambda m: m)
+        stock.to_k_ip, stock.to_v_ip = keep(processor.to_k_ip), keep(processor.to_v_ip)
+        stock.scale = list(processor.scale) if memo is not None else processor.scale
+        stock.train(processor.training)
+        return stock
+    if isinstance(processor, SemfidAttnProcessor):
+        return _ap.AttnProcessor2_0()
+    return processor
+
+
+_REGISTERED = (SemfidAttnProcessor, SemfidIPAdapterAttnProcessor)
+
+
+def register_with_diffusers() -> None:
+    """Add semfid's processor classes to diffusers' ``CROSS_ATTENTION_PROCESSORS``.
+
+    diffusers' ``set_default_attn_processor`` accepts a model only when every processor's exact
+    class is in that tuple; each diffusers module imported it by name, so the new tuple is bound in
+    ``attention_processor`` (for modules imported later) and in every loaded ``diffusers`` module
+    that holds the old one. Idempotent; changes nothing else.
+    """
+    old = getattr(_ap, "CROSS_ATTENTION_PROCESSORS", None)
+    if old is None or all(c in old for c in _REGISTERED):
+        return
+    new = tuple(old) + tuple(c for c in _REGISTERED if c not in old)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("diffusers") and getattr(mod, "CROSS_ATTENTION_PROCESSORS", None) is old:
+            mod.CROSS_ATTENTION_PROCESSORS = new
+
+
+def _no_hook(module, args, kwargs):
+    """What the controller's forward pre-hook deep-copies as: nothing (the copy is stock)."""
+    return None
+
+
+class PreHook:
+    """The controller's UNet forward pre-hook; ``copy.deepcopy`` of the UNet copies it as a no-op."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self, module, args, kwargs):
+        return self._fn(module, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return _no_hook
+
+
+__all__ = ["REPLACEABLE", "adopt", "is_semfid", "stock_equivalent", "register_with_diffusers", "PreHook"]
