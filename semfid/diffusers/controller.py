@@ -53,6 +53,7 @@ Limits:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -62,17 +63,13 @@ import torch
 
 from .._inputs import TokensLike
 from .blocks import capture_block, subject_loss_block, values_block
-from .layers import LayerFilter, attention_layers, cross_attention_layers, grid_size, layer_levels, resolve_layers
-from .processors import CALL_KWARG, SemfidAttnProcessor
+from .families import detect_family, processor_modules
+from .layers import LayerFilter, resolve_layers
+from .processors import CALL_KWARG
 from .recorders import AttentionRecorder, SubjectLossRecorder
 from .requests import LossRequest, Request, StatesLike, plan_call
 
 Tensor = torch.Tensor
-
-# Processor classes whose behaviour SemfidAttnProcessor reproduces exactly (name-matched so that a
-# diffusers version without one of them still imports).
-_REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "SemfidAttnProcessor")
-
 
 # ------------------------------------------------------------------------------------------------
 # the controller
@@ -92,34 +89,32 @@ class SemfidController:
     """
 
     def __init__(self, unet: torch.nn.Module, layers: LayerFilter = None):
-        if not isinstance(unet, torch.nn.Module):
-            raise TypeError(f"unet must be a diffusers UNet (torch.nn.Module), got {type(unet).__name__}")
-        modules = attention_layers(unet)
-        cross = cross_attention_layers(unet)
+        family = detect_family(unet)
+        kind = type(unet).__name__
+        modules = processor_modules(unet)
+        cross = family.text_layers(modules)
         if not cross:
-            raise ValueError(
-                f"unet ({type(unet).__name__}) has no diffusers cross-attention (attn2) layers to install on"
-            )
+            raise ValueError(f"unet ({kind}) has no attention layers whose keys include the text to install on")
         try:
             params = list(inspect.signature(unet.forward).parameters)
         except (TypeError, ValueError):
             params = []
-        for needed in ("sample", "encoder_hidden_states", "cross_attention_kwargs"):
+        arg_names = (family.latent_arg, "encoder_hidden_states", family.kwargs_arg)
+        for needed in arg_names:
             if needed not in params:
-                raise ValueError(
-                    f"unet.forward must take `{needed}` (diffusers UNet2DConditionModel does); "
-                    f"{type(unet).__name__}.forward takes {params}"
-                )
-        self._arg_index = {p: params.index(p) for p in ("sample", "encoder_hidden_states",
-                                                        "cross_attention_kwargs")}
+                raise ValueError(f"unet.forward must take `{needed}` (a diffusers {family.name} model "
+                                 f"does); {kind}.forward takes {params}")
+        self._family = family
+        self._arg_index = {p: params.index(p) for p in params}
         foreign = [(n, type(m.processor).__name__) for n, m in modules.items()
-                   if type(m.processor).__name__ not in _REPLACEABLE]
+                   if type(m.processor).__name__ not in family.replaceable]
         if foreign:
             name, cls = foreign[0]
             raise ValueError(
                 f"unet has {len(foreign)} attention processor(s) that semfid cannot stand in for "
-                f"(e.g. {name}: {cls}); install() reproduces only {list(_REPLACEABLE[:2])}. Call "
-                "unet.set_default_attn_processor() (or undo xformers / fused QKV / IP-Adapter) first."
+                f"(e.g. {name}: {cls}); install() reproduces only {list(family.replaceable[:-1])} on a "
+                f"{kind}. Call unet.set_default_attn_processor() (or undo xformers / fused QKV / "
+                "IP-Adapter) first."
             )
         stale = getattr(unet, "_semfid_controller", None)
         stale = stale() if stale is not None else None
@@ -138,10 +133,9 @@ class SemfidController:
         self._modules = modules
         self._saved = {n: m.processor for n, m in modules.items()}
         chosen = set(self.layers)
-        self._processors = {n: SemfidAttnProcessor(n, self._owner, active=n in chosen) for n in modules}
-        self._k_width = {n: cross[n].to_k.in_features for n in self.layers}
-        self._v_width = {n: cross[n].to_v.in_features for n in self.layers}
-        self._levels = layer_levels(unet, self.layers)
+        self._processors = {n: family.make_processor(n, m, self._owner, n in chosen) for n, m in modules.items()}
+        self._k_width = {n: family.key_width(cross[n]) for n in self.layers}
+        self._v_width = {n: family.value_width(cross[n]) for n in self.layers}
         self._local = threading.local()
         self._lock = threading.Lock()
         for n, m in modules.items():
@@ -207,7 +201,7 @@ class SemfidController:
     def _get_arg(self, args, kwargs, name):
         if name in kwargs:
             return kwargs[name]
-        i = self._arg_index[name]
+        i = self._arg_index.get(name, len(args))
         return args[i] if i < len(args) else None
 
     def _pre_hook(self, module, args, kwargs):
@@ -216,30 +210,29 @@ class SemfidController:
             return None
         names = set().union(*(f.layers for f in frames))
         self._check_processors(names)
-        sample = self._get_arg(args, kwargs, "sample")
         ehs = self._get_arg(args, kwargs, "encoder_hidden_states")
         if not isinstance(ehs, Tensor) or ehs.dim() != 3:
             raise ValueError(
                 "semfid needs encoder_hidden_states [B, M, C] in the UNet call while a capture / "
                 f"subject_loss / values block is active, got {type(ehs).__name__}"
             )
-        cak = self._get_arg(args, kwargs, "cross_attention_kwargs")
+        kwarg = self._family.kwargs_arg
+        cak = self._get_arg(args, kwargs, kwarg)
         if cak is not None and not isinstance(cak, dict):
-            raise TypeError(f"cross_attention_kwargs must be a dict or None, got {type(cak).__name__}")
-        grids: Dict[str, Optional[Tuple[int, int]]] = {}
-        if isinstance(sample, Tensor) and sample.dim() == 4:
-            h, w = sample.shape[-2:]
-            grids = {n: grid_size(h, w, self._levels.get(n)) for n in names}
+            raise TypeError(f"{kwarg} must be a dict or None, got {type(cak).__name__}")
+        get = functools.partial(self._get_arg, args, kwargs)
+        grids: Dict[str, Optional[Tuple[int, int]]] = self._family.grids(get, names)
         call = plan_call(self._owner, frames, ehs, grids)
 
         merged = dict(cak) if cak else {}
+        merged.update(self._family.call_kwargs(get))
         merged[CALL_KWARG] = call
-        i = self._arg_index["cross_attention_kwargs"]
-        if "cross_attention_kwargs" not in kwargs and i < len(args):
+        i = self._arg_index[kwarg]
+        if kwarg not in kwargs and i < len(args):
             args = args[:i] + (merged,) + args[i + 1:]
         else:
             kwargs = dict(kwargs)
-            kwargs["cross_attention_kwargs"] = merged
+            kwargs[kwarg] = merged
         return args, kwargs
 
     def _choose(self, layers: LayerFilter) -> List[str]:
