@@ -3,12 +3,13 @@ the context manager that makes them active for the calling thread.
 
 :class:`~semfid.diffusers.controller.SemfidController`'s ``capture`` / ``subject_loss`` /
 ``values`` methods are thin wrappers over :func:`capture_block`, :func:`subject_loss_block` and
-:func:`values_block`.
+:func:`values_block`. This module needs only the few controller methods of :class:`BlockHost`
+(it does not import the controller, which imports it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Protocol
 
 import torch
 
@@ -25,16 +26,31 @@ from .requests import (
     states_of,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .controller import SemfidController
-
 Tensor = torch.Tensor
+
+
+class BlockHost(Protocol):
+    """What a block needs of :class:`~semfid.diffusers.controller.SemfidController`."""
+
+    layers: List[str]
+    _k_width: Dict[str, int]
+    _v_width: Dict[str, int]
+
+    def _choose(self, layers) -> List[str]: ...
+
+    def _device(self) -> torch.device: ...
+
+    def _check_processors(self, names: Iterable[str]) -> None: ...
+
+    def _push(self, request) -> None: ...
+
+    def _pop(self, request) -> None: ...
 
 
 class Block:
     """Context manager for one ``with`` block: activates its request on enter, drops it on exit."""
 
-    def __init__(self, controller: "SemfidController", request, result):
+    def __init__(self, controller: BlockHost, request, result):
         self._ctl = controller
         self._request = request
         self._result = result
@@ -100,17 +116,23 @@ def _aligned(tokens, ref_tokens):
     return tokens, ref_tokens
 
 
-def capture_block(ctl: "SemfidController", tokens, head_reduce: str = "mean", layers=None,
+def _limit(spec: TokenSpec, states_arg: str):
+    """What a call's key count is checked against (see recorders._Recorder._fold)."""
+    return (spec.max_index, spec.arg, states_arg)
+
+
+def capture_block(ctl: BlockHost, tokens, head_reduce: str = "mean", layers=None,
                   accumulate: str = "last") -> Block:
     chosen = ctl._choose(layers)
     tokens, _ = _aligned(tokens, None)
     spec = TokenSpec.parse(tokens, "tokens")
     hr = _head_reduce(head_reduce)
     rec = AttentionRecorder(spec.lengths, hr, accumulate)
-    return Block(ctl, CaptureRequest(frozenset(chosen), spec, hr, rec), rec)
+    rec._limits = (_limit(spec, "encoder_hidden_states"),) * 2
+    return Block(ctl, CaptureRequest(frozenset(chosen), spec.to(ctl._device()), hr, rec), rec)
 
 
-def subject_loss_block(ctl: "SemfidController", reference_states: StatesLike, tokens, ref_tokens=None,
+def subject_loss_block(ctl: BlockHost, reference_states: StatesLike, tokens, ref_tokens=None,
                        value_states: Optional[StatesLike] = None, head_reduce: str = "mean", layers=None,
                        *, ref_attention_mask: Optional[Tensor] = None, keep_maps: bool = False) -> Block:
     chosen = ctl._choose(layers)
@@ -148,15 +170,19 @@ def subject_loss_block(ctl: "SemfidController", reference_states: StatesLike, to
                 )
         ref_bias = ((1 - m.to(torch.float32)) * -10000.0)[:, None, :]  # diffusers' convention
     rec = SubjectLossRecorder()
-    req = LossRequest(frozenset(chosen), spec, ref, hr, refs, ref_bias, vals, keep_maps, rec)
+    rec._limits = (_limit(spec, "encoder_hidden_states"), _limit(ref, "reference_states"))
+    device = ctl._device()
+    placed = spec.to(device)
+    req = LossRequest(frozenset(chosen), placed, placed if ref is spec else ref.to(device), hr, refs,
+                      ref_bias, vals, keep_maps, rec, same_tokens=ref is spec)
     return Block(ctl, req, rec)
 
 
-def values_block(ctl: "SemfidController", value_states: StatesLike) -> Block:
+def values_block(ctl: BlockHost, value_states: StatesLike) -> Block:
     if value_states is None:
         raise ValueError("value_states must be a tensor [B, M, C] or a {layer name: tensor} dict, got None")
     vals = _states(value_states, "value_states", ctl.layers, ctl._v_width, required_for_all=False)
     return Block(ctl, ValuesRequest(frozenset(ctl.layers), vals), None)
 
 
-__all__ = ["Block", "capture_block", "subject_loss_block", "values_block"]
+__all__ = ["Block", "BlockHost", "capture_block", "subject_loss_block", "values_block"]

@@ -238,6 +238,12 @@ class SemfidController:
     def _choose(self, layers: LayerFilter) -> List[str]:
         return resolve_layers(layers, self.layers, arg="layers")
 
+    def _device(self) -> torch.device:
+        """Where the model's weights are: block entry puts the token indices there once."""
+        unet = self._unet_ref()
+        param = next(unet.parameters(), None) if unet is not None else None
+        return param.device if param is not None else torch.device("cpu")
+
     # ---- public context managers (block entry validates; see blocks.py) -------------------------
     def capture(self, tokens: TokensLike, head_reduce: str = "mean", layers: LayerFilter = None,
                 accumulate: str = "last"):

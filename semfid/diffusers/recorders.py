@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .requests import ACCUMULATE
+from .requests import ACCUMULATE, CallSink, check_token_range
 
 Tensor = torch.Tensor
 Grid = Tuple[int, int]
@@ -65,22 +65,47 @@ class _Series:
 
 
 class _Recorder:
-    """Shared by both recorders: call counting, map storage (grids) and the no-call error."""
+    """Shared by both recorders: call counting, map storage (grids) and the no-call error.
+
+    The UNet calls leave their results in ``_sink`` (:class:`~semfid.diffusers.requests.CallSink`);
+    they are folded in, in call order, whenever the recorder is read (and, in eager mode, when
+    the next call starts), which is also where a compiled call's token range is checked.
+    """
 
     _BLOCK = "capture"
 
     def __init__(self, accumulate: str = "last"):
         self._maps = _Series(accumulate)
         self.grids: Dict[str, Grid] = {}
-        self.num_calls = 0
+        self._calls = 0
+        self._sink = CallSink()
+        self._head = self._sink.current
+        # per entry of a call's "num_keys": (largest token index, its argument, the states it indexes)
+        self._limits: Tuple[Tuple[int, str, str], ...] = ()
 
     @property
     def accumulate(self) -> str:
         return self._maps.mode
 
-    def _new_call(self) -> int:
-        self.num_calls += 1
-        return self.num_calls - 1
+    @property
+    def num_calls(self) -> int:
+        """UNet calls seen inside the block so far."""
+        self._fold()
+        return self._calls
+
+    def _fold(self) -> None:
+        calls, head = CallSink.take(self._head)
+        for entry in calls:  # all checked before any is taken: a bad call keeps raising
+            for (hi, arg, states_arg), num_keys in zip(self._limits, entry["num_keys"]):
+                check_token_range(hi, num_keys, arg, states_arg)
+        self._head = head
+        for entry in calls:
+            call, self._calls = self._calls, self._calls + 1
+            for name, (value, maps) in entry["results"].items():
+                self._store(call, name, value, entry["grids"].get(name), maps)
+
+    def _store(self, call: int, name: str, value: Tensor, grid: Optional[Grid], maps=None) -> None:
+        raise NotImplementedError
 
     def _require_call(self, what: str) -> None:
         if self.num_calls == 0:

@@ -12,6 +12,20 @@ Three layers of validation, each done once:
 3. **Per layer**: nothing is checked or copied; the processor looks its plan up by name and passes
    the selections to the fused ops, which only compare sizes.
 
+Compile stability. Under ``torch.compile`` the pre-hook and the processors are traced, and Dynamo
+guards on every Python value they read. So what a call reads is either a tensor (token indices,
+loss weights, reference / value states, masks: guarded on shape, dtype, device only) or a *static*
+value that stays the same from step to step of a loop (layer names, token counts S, per-row
+lengths, ``head_reduce``, ``keep_maps``, which optional tensors exist, ``M``, the batch size).
+Nothing traced reads an object's identity or a per-step integer: a token list's largest index is
+range-checked before the call in eager mode, and under tracing the indices are clamped to
+``M - 1`` in the graph and the check runs when the recorder is read (:class:`CallSink`).
+
+Results leave a call through a :class:`CallSink` per recording request: a chain of plain dicts
+(the current one is always empty when a call starts, so the guard on it never changes); the
+processors write each layer's tensors into it once (a gradient-checkpoint recompute finds them
+there and writes nothing), and the recorder folds the chain into its maps / losses when read.
+
 The processor depends on this module only through :class:`CallStateProtocol`, :class:`LayerPlan`,
 :class:`CaptureItem` and :class:`LossItem`.
 """
@@ -35,26 +49,27 @@ ACCUMULATE = ("last", "mean", "list")
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenSpec:
-    """Token positions checked at block entry, kept on the CPU until a UNet call places them.
+    """Token positions checked at block entry and placed once on the model's device.
 
     Attributes:
-        host (`TokenSelection`): the indices on the CPU, [1, S] when ``shared`` else [B, S] (ragged
-            rows padded, with weights).
+        selection (`TokenSelection`): the indices, [1, S] when ``shared`` else [B, S] (ragged
+            rows padded, with weights); ``max_index`` and ``lengths`` are Python values known at
+            block entry.
         shared (`bool`): one list for every row of any batch ([S]).
         arg (`str`): the argument name for error messages.
     """
 
-    host: TokenSelection
+    selection: TokenSelection
     shared: bool
     arg: str
 
     @property
     def max_index(self) -> int:
-        return self.host.max_index
+        return self.selection.max_index
 
     @property
     def lengths(self) -> Tuple[int, ...]:
-        return self.host.lengths
+        return self.selection.lengths
 
     @classmethod
     def parse(cls, tokens, arg: str) -> "TokenSpec":
@@ -92,18 +107,42 @@ class TokenSpec:
             isinstance(tokens, (list, tuple)) and any(isinstance(r, (list, tuple)) for r in tokens))
         return cls(sel, shared, arg)
 
+    def to(self, device: torch.device) -> "TokenSpec":
+        """The same spec with its index (and weight) tensors on ``device`` (once per block)."""
+        sel = self.selection
+        if sel.device == device:
+            return self
+        weights = None if sel.weights is None else sel.weights.to(device, non_blocking=True)
+        moved = TokenSelection(sel.index.to(device, non_blocking=True), weights, sel.lengths, sel.max_index)
+        return TokenSpec(moved, self.shared, self.arg)
+
     def for_call(self, batch: int, num_keys: int, device: torch.device, states_arg: str) -> TokenSelection:
-        """Check against one UNet call and place on ``device`` (once per call, not per layer)."""
-        if not self.shared and self.host.batch != batch:
+        """Check against one call's sizes and give its selection on ``device`` (once per call).
+
+        Traced (``torch.compile``): reads only static values; the indices are clamped to
+        ``num_keys - 1`` in the graph, so a list too long for this call cannot read past the keys,
+        and the range is checked when the recorder is read (:meth:`CallSink.num_keys`).
+        """
+        sel = self.selection
+        if not self.shared and sel.batch != batch:
             raise ValueError(
-                f"{self.arg} has {self.host.batch} rows but the UNet call has batch {batch}: give [S] "
+                f"{self.arg} has {sel.batch} rows but the UNet call has batch {batch}: give [S] "
                 f"(shared) or [B={batch}, S] (under classifier-free guidance B counts both halves)"
             )
-        check_token_range(self.max_index, num_keys, self.arg, states_arg)
-        host = self.host
+        traced = torch.compiler.is_compiling()
+        if not traced:
+            check_token_range(self.max_index, num_keys, self.arg, states_arg)
+        index, weights = sel.index, sel.weights
+        if index.device != device:  # the model moved since block entry
+            index = index.to(device, non_blocking=True)
+            weights = None if weights is None else weights.to(device, non_blocking=True)
         if self.shared:
-            host = TokenSelection(host.index.expand(batch, -1), None, host.lengths * batch, host.max_index)
-        return TokenSelection.build(host, batch=batch, num_keys=num_keys, device=device, name=self.arg)
+            index = index.expand(batch, -1)
+        if traced:
+            index = index.clamp(max=num_keys - 1)
+        lengths = sel.lengths * batch if self.shared else sel.lengths
+        # traced: an upper bound that is the same every step (the real maximum varies by step)
+        return TokenSelection(index, weights, lengths, num_keys - 1 if traced else self.max_index)
 
 
 def check_token_range(hi: int, length: int, arg: str, states_arg: str) -> None:
@@ -183,6 +222,7 @@ class LossRequest:
     value_states: Optional[StatesLike]
     keep_maps: bool
     recorder: object
+    same_tokens: bool = False  # ref_tokens defaulted to tokens (compared here, not while traced)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,14 +240,14 @@ Request = Union[CaptureRequest, LossRequest, ValuesRequest]
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class CaptureItem:
-    request: CaptureRequest
+    results: Dict[str, tuple]  # the call's CallSink results: layer name -> (maps, None)
     tokens: TokenSelection  # on the call's device
     head_reduce: str
 
 
 @dataclass(frozen=True, eq=False)
 class LossItem:
-    request: LossRequest
+    results: Dict[str, tuple]  # layer name -> (loss [B], maps or None)
     reference_states: Tensor  # this layer's [B or 1, M_ref, C]
     tokens: TokenSelection
     ref_tokens: TokenSelection
@@ -237,50 +277,88 @@ class CallStateProtocol(Protocol):
                maps: Optional[Tensor] = None) -> None: ...
 
 
+class CallSink:
+    """Where a recording request's results leave its UNet calls: a chain of plain dicts.
+
+    ``current`` is the (empty) dict the next call will fill. A call takes it, puts in
+    ``"results"`` (layer name -> ``(value, maps)``, filled by the processors), ``"grids"`` and
+    ``"num_keys"`` (``M`` and ``M_ref`` of the call, for the deferred range check), links a new
+    empty dict under ``"next"`` and makes that the current one. Only dicts, tensors and static
+    values are touched, so a compiled UNet neither guards on the block nor recompiles per call;
+    the recorder reads the chain eagerly (:meth:`take`) and drops what it has read.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self):
+        self.current: dict = {}
+
+    def open_call(self, grids: Dict[str, Optional[Tuple[int, int]]], num_keys: Tuple[int, int]) -> dict:
+        """Start one call: returns its results dict (layer name -> (value, maps))."""
+        entry, nxt = self.current, {}
+        entry["results"] = {}
+        entry["grids"] = grids
+        entry["num_keys"] = num_keys
+        entry["next"] = nxt
+        self.current = nxt
+        return entry["results"]
+
+    @staticmethod
+    def take(head: dict) -> Tuple[list, dict]:
+        """The calls recorded from ``head`` on (each a dict as above), and the new head."""
+        calls = []
+        while "next" in head:
+            calls.append(head)
+            head = head["next"]
+        return calls, head
+
+
 class CallState:
-    """The plans of one UNet call; immutable except for which (item, layer) pairs were recorded,
+    """The plans of one UNet call; processors record into each request's sink once per layer,
     so that a gradient-checkpoint recompute of the call records nothing a second time."""
 
-    def __init__(self, owner: object, plans: Dict[str, LayerPlan], grids: Dict[str, Optional[Tuple[int, int]]],
-                 call_index: Dict[int, int]):
+    def __init__(self, owner: object, plans: Dict[str, LayerPlan]):
         self.owner = owner
         self.plans = plans
-        self.grids = grids
-        self._call_index = call_index  # id(request) -> index of this call in its block
-        self._recorded = set()
 
-    def record(self, item, name: str, value: Tensor, maps: Optional[Tensor] = None) -> None:
-        key = (id(item.request), name)
-        if key in self._recorded:  # gradient-checkpoint recompute of this call: already stored
-            return
-        self._recorded.add(key)
-        rec = item.request.recorder
-        rec._store(self._call_index[id(item.request)], name, value, self.grids.get(name), maps)
+    @staticmethod
+    def record(item, name: str, value: Tensor, maps: Optional[Tensor] = None) -> None:
+        if name not in item.results:  # else a gradient-checkpoint recompute of this call
+            item.results[name] = (value, maps)
 
 
 def plan_call(owner: object, requests: Sequence[Request], ehs: Tensor,
               grids: Dict[str, Optional[Tuple[int, int]]]) -> CallState:
-    """Validate ``requests`` against one call's ``encoder_hidden_states`` [B, M, C]; build the plans."""
+    """Validate ``requests`` against one call's ``encoder_hidden_states`` [B, M, C]; build the plans.
+
+    Reads only tensors and static values of the requests (see the module docstring), so that it
+    traces under ``torch.compile`` into guards that hold from one training step to the next.
+    """
     b, m, dev = ehs.shape[0], ehs.shape[1], ehs.device
-    placed = {}
+    placed = []
     for r in requests:
+        if r.recorder is not None and not torch.compiler.is_compiling():
+            r.recorder._fold()  # eager: the previous calls' results, so the chain stays short
         for states in states_of(getattr(r, "value_states", None)):
             check_states_for_call(states, "value_states", ehs, same_length=True)
         if isinstance(r, CaptureRequest):
-            placed[id(r)] = (r.tokens.for_call(b, m, dev, "encoder_hidden_states"),)
+            tokens = r.tokens.for_call(b, m, dev, "encoder_hidden_states")
+            placed.append((tokens, r.recorder._sink.open_call(grids, (m, m))))
         elif isinstance(r, LossRequest):
             tokens = r.tokens.for_call(b, m, dev, "encoder_hidden_states")
-            m_ref = {s.shape[1] for s in states_of(r.reference_states)}
+            m_ref = [s.shape[1] for s in states_of(r.reference_states)]
             for states in states_of(r.reference_states):
                 check_states_for_call(states, "reference_states", ehs, same_length=False)
             if r.ref_bias is not None and r.ref_bias.shape[0] not in (1, b):
                 raise ValueError(f"ref_attention_mask must have batch 1 or {b}, got batch {r.ref_bias.shape[0]}")
-            ref = tokens if r.ref_tokens is r.tokens and m_ref == {m} else \
+            ref = tokens if r.same_tokens and set(m_ref) == {m} else \
                 r.ref_tokens.for_call(b, min(m_ref), dev, "reference_states")
             ref_bias = None if r.ref_bias is None else r.ref_bias.to(dev, non_blocking=True)
-            placed[id(r)] = (tokens, ref, ref_bias)
+            placed.append((tokens, ref, ref_bias, r.recorder._sink.open_call(grids, (m, min(m_ref)))))
+        else:
+            placed.append(None)
 
-    names = set().union(*(r.layers for r in requests))
+    names = sorted(set().union(*(r.layers for r in requests)))
     plans: Dict[str, LayerPlan] = {}
     for name in names:
         value_states = None
@@ -290,22 +368,18 @@ def plan_call(owner: object, requests: Sequence[Request], ehs: Tensor,
                 value_states = per_layer(vs, name)
                 if value_states is not None:
                     break
-        captures = tuple(CaptureItem(r, placed[id(r)][0], r.head_reduce) for r in requests
+        captures = tuple(CaptureItem(p[1], p[0], r.head_reduce) for r, p in zip(requests, placed)
                          if isinstance(r, CaptureRequest) and name in r.layers)
         loss = None
-        for r in requests:
+        for r, p in zip(requests, placed):
             if isinstance(r, LossRequest) and name in r.layers:
-                tokens, ref, ref_bias = placed[id(r)]
-                loss = LossItem(r, per_layer(r.reference_states, name), tokens, ref, r.head_reduce,
+                tokens, ref, ref_bias, results = p
+                loss = LossItem(results, per_layer(r.reference_states, name), tokens, ref, r.head_reduce,
                                 ref_bias, r.keep_maps)
         if value_states is not None or captures or loss is not None:
             plans[name] = LayerPlan(value_states, captures, loss)
-    index = {}
-    for r in requests:
-        if r.recorder is not None:
-            index[id(r)] = r.recorder._new_call()
-    return CallState(owner, plans, grids, index)
+    return CallState(owner, plans)
 
 
 __all__ = ["TokenSpec", "CaptureRequest", "LossRequest", "ValuesRequest", "CaptureItem", "LossItem",
-           "LayerPlan", "CallState", "CallStateProtocol", "plan_call", "ACCUMULATE"]
+           "LayerPlan", "CallState", "CallSink", "CallStateProtocol", "plan_call", "ACCUMULATE"]
