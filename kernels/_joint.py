@@ -133,9 +133,10 @@ def key_blocks(start: int, stop: int, block_n: int) -> int:
     return triton.cdiv(max(0, stop - start), block_n)
 
 
-#: Fixed tiles under the interpreter (numpy runs ~ms per program): 32 x 32 makes 77 keys span
-#: three blocks, the last one partial, so the online softmax and every key mask are exercised.
-INTERPRETER_TILES = (32, 32, 4)
+#: Fixed tiles under the interpreter (each Triton op costs ~ms of Python there, whatever the tile):
+#: 64 x 64, so that 77 keys already span two blocks, the last one partial (online softmax and the
+#: key masks exercised), at the fewest programs.
+INTERPRETER_TILES = (64, 64, 4)
 
 
 def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
