@@ -1,0 +1,115 @@
+"""semfid on the SD3 / SD3.5, Flux.1 and PixArt-Σ twins: stock equality with no block active, and
+captured maps against an explicit float64 softmax of the stock model's own queries and keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semfid.diffusers import install
+from semfid.diffusers.families.flux import SemfidFluxAttnProcessor
+
+from _dit_calls import make_call, twin
+
+FAMILIES = ("sd3", "flux", "pixart")
+
+
+def _stock_qk(model, kw):
+    """Every SDPA call of a stock run, as {layer name: (q, k)} ([B, H, N, D] each)."""
+    names = {m: n for n, m in model.named_modules() if hasattr(m, "set_processor")}
+    current, seen = [None], {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: current.__setitem__(0, names[m])) for m in names]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):  # diffusers passes them by name too
+        seen[current[0]] = (query.detach(), key.detach())
+        return sdpa(query, key, value, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = recording
+    try:
+        with torch.no_grad():
+            out = model(**kw).sample
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+def _reference_maps(family, q, k, tokens, n_img, text_len):
+    """P[image queries, text tokens] of one layer from an explicit float64 softmax over all keys."""
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    tokens = torch.tensor(tokens)
+    if family == "sd3":  # keys [image, text]
+        return p[:, :, :n_img, n_img + tokens]
+    if family == "flux":  # keys [text, image]
+        return p[:, :, text_len:, tokens]
+    return p[..., tokens]  # PixArt attn2: the text alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_output_and_maps_match_explicit_softmax(family):
+    model = twin(family)
+    kw = make_call(family, batch=2, text=7, h=4, w=6)
+    ref, qk = _stock_qk(model, kw)
+    ctl = install(model)
+    with torch.no_grad():
+        plain = model(**kw).sample
+        with ctl.capture([1, 4, 6], head_reduce="none") as rec:
+            mapped = model(**kw).sample
+    scale = ref.abs().max()
+    assert (plain - ref).abs().max() <= 1e-5 * scale  # no block active: the stock output
+    assert (mapped - ref).abs().max() <= 1e-5 * scale
+    assert set(rec.maps) == set(ctl.cross_attention_layers) == set(ctl.layers)
+    expected_layers = {"sd3": 24, "flux": 57, "pixart": 28}[family]  # SD3.5 medium's attn2: no text
+    assert len(rec.maps) == expected_layers
+    for name, maps in rec.maps.items():
+        want = _reference_maps(family, *qk[name], [1, 4, 6], n_img=24, text_len=7)
+        assert maps.shape == (2, 2, 24, 3), name
+        assert (maps.double() - want).abs().max() < 2e-6, name
+    assert rec.resolutions == [(4, 6)]
+    heat = rec.aggregate((4, 6))
+    assert heat.shape == (2, 3, 4, 6)
+    ctl.uninstall()
+
+
+def test_flux_single_and_double_blocks_and_the_attention_backend():
+    model = twin("flux")
+    model.set_attention_backend("_native_math")  # before install: kept by semfid's processors
+    kw = make_call("flux", batch=1, text=5, h=3, w=2)
+    with torch.no_grad():
+        ref = model(**kw).sample
+        ctl = install(model)
+        out = model(**kw).sample
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    procs = model.attn_processors
+    single = [n for n in ctl.layers if n.startswith("single_transformer_blocks")]
+    double = [n for n in ctl.layers if n.startswith("transformer_blocks")]
+    assert len(single) == 38 and len(double) == 19
+    assert all(isinstance(p, SemfidFluxAttnProcessor) for p in procs.values())
+    assert all(procs[n + ".processor"].single for n in single)
+    assert all(p._attention_backend.value == "_native_math" for p in procs.values())
+    model.set_attention_backend("native")  # after install: reaches them too
+    assert all(p._attention_backend.value == "native" for p in model.attn_processors.values())
+    ctl.uninstall()
+
+
+def test_install_names_what_is_supported():
+    with pytest.raises(ValueError, match="supports UNet2DConditionModel.*FluxTransformer2DModel.*got Linear"):
+        install(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="must be a diffusers model"):
+        install("unet")
+
+
+def test_sd3_refuses_processors_it_cannot_reproduce():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Custom(JointAttnProcessor2_0):
+        pass
+
+    model = twin("sd3")
+    key = next(iter(model.attn_processors))
+    model.set_attn_processor({**dict(model.attn_processors), key: Custom()})
+    with pytest.raises(ValueError, match="cannot stand in for.*Custom.*JointAttnProcessor2_0"):
+        install(model)
