@@ -64,6 +64,7 @@ import torch
 from .._inputs import TokensLike
 from .blocks import capture_block, subject_loss_block, values_block
 from .families import detect_family, processor_modules
+from .families.reference import KEYS_KWARG as REF_KEYS_KWARG, reference_keys
 from .layers import LayerFilter, resolve_layers
 from .processors import CALL_KWARG
 from .recorders import AttentionRecorder, SubjectLossRecorder
@@ -206,7 +207,7 @@ class SemfidController:
 
     def _pre_hook(self, module, args, kwargs):
         frames = self._frames()
-        if not frames:
+        if not frames or getattr(self._local, "in_reference", False):  # none, or the reference pass
             return None
         names = set().union(*(f.layers for f in frames))
         self._check_processors(names)
@@ -227,6 +228,9 @@ class SemfidController:
         merged = dict(cak) if cak else {}
         merged.update(self._family.call_kwargs(get))
         merged[CALL_KWARG] = call
+        loss = next((f for f in frames if isinstance(f, LossRequest)), None)
+        if loss is not None and self._family.joint:  # joint blocks: keys of the reference prompt
+            merged[REF_KEYS_KWARG] = self._reference_keys(module, args, kwargs, loss)
         i = self._arg_index[kwarg]
         if kwarg not in kwargs and i < len(args):
             args = args[:i] + (merged,) + args[i + 1:]
@@ -234,6 +238,16 @@ class SemfidController:
             kwargs = dict(kwargs)
             kwargs[kwarg] = merged
         return args, kwargs
+
+    def _reference_keys(self, module, args, kwargs, request: LossRequest) -> Dict[str, Tensor]:
+        """The reference pass of a joint model's call (:mod:`.families.reference`)."""
+        named = {p: args[i] for p, i in self._arg_index.items() if i < len(args)}
+        named.update(kwargs)
+        self._local.in_reference = True
+        try:
+            return reference_keys(module, self._family, named, request, self._owner)
+        finally:
+            self._local.in_reference = False
 
     def _choose(self, layers: LayerFilter) -> List[str]:
         return resolve_layers(layers, self.layers, arg="layers")

@@ -77,6 +77,14 @@ class Family:
         """Extra per-call kwargs for the processors besides ``semfid_call`` (none by default)."""
         return {}
 
+    def text_len_kwargs(self, text_len: int) -> Dict[str, Any]:
+        """Kwargs telling processors that cannot see it the text length of a call (Flux single)."""
+        return {}
+
+    def reference_call(self, call: Dict[str, Any], ref_len: int) -> Dict[str, Any]:
+        """Arguments of the reference pass that differ from ``call`` besides the text states."""
+        return {}
+
     def key_width(self, module: torch.nn.Module) -> int:
         """Width C of the text states a layer's key projection reads (reference states)."""
         return module.to_k.in_features

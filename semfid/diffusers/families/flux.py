@@ -16,7 +16,7 @@ own are). The query grid comes from the call's ``img_ids`` (latent rows / column
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -24,6 +24,7 @@ from ..processors import _additive_bias
 from ..requests import CallStateProtocol
 from .base import ArgGetter, Family
 from .joint import joint_attention, layer_plan
+from .reference import ReferenceRecord
 
 #: joint_attention_kwargs key carrying the text length to the single-stream processors
 TEXT_LEN_KWARG = "semfid_text_len"
@@ -67,6 +68,8 @@ class SemfidFluxAttnProcessor:
         image_rotary_emb=None,
         semfid_call: Optional[CallStateProtocol] = None,
         semfid_text_len: Optional[int] = None,
+        semfid_ref_record: Optional[ReferenceRecord] = None,
+        semfid_ref_keys: Optional[Dict[str, torch.Tensor]] = None,
     ):
         r"""Run the Flux attention layer.
 
@@ -77,7 +80,9 @@ class SemfidFluxAttnProcessor:
             encoder_hidden_states (`torch.Tensor` [B, M, C], *optional*): text stream (double).
             attention_mask (*optional*): passed on as ``FluxAttnProcessor`` does.
             image_rotary_emb (*optional*): RoPE ``(cos, sin)`` over ``[text, image]``.
-            semfid_call, semfid_text_len (*optional*): per-call state from ``joint_attention_kwargs``.
+            semfid_call, semfid_text_len, semfid_ref_record, semfid_ref_keys (*optional*): per-call
+                state from ``joint_attention_kwargs`` (plans; the text length for single-stream
+                layers; the reference pass's key record; the loss pass's reference keys).
 
         Returns:
             `(image, text)` outputs for a double-stream layer, the joint output for a single-stream one.
@@ -100,22 +105,22 @@ class SemfidFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else semfid_text_len
+        if semfid_ref_record is not None and text_len is not None:
+            semfid_ref_record.put(self.name, self.owner, key[:, :int(text_len)].transpose(1, 2))
         if plan is None or not plan.wants_maps:
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                                   backend=self._attention_backend,
                                                   parallel_config=self._parallel_config)
         else:
-            if encoder_hidden_states is not None:
-                text_len = encoder_hidden_states.shape[1]
-            elif semfid_text_len is not None:
-                text_len = int(semfid_text_len)
-            else:
+            if text_len is None:
                 raise RuntimeError(f"layer {self.name}: a single-stream block was asked for maps but the "
                                    f"call carries no '{TEXT_LEN_KWARG}' (call the model, not the block)")
             out = joint_attention(self.name, query.transpose(1, 2), key.transpose(1, 2),
                                   value.transpose(1, 2), scale=attn.head_dim ** -0.5,
                                   attn_bias=_additive_bias(attention_mask), plan=plan, call=semfid_call,
-                                  text=(0, text_len), image=(text_len, query.shape[1]))
+                                  text=(0, int(text_len)), image=(int(text_len), query.shape[1]),
+                                  ref_keys=semfid_ref_keys)
             hidden_states = out.transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
@@ -140,6 +145,7 @@ class FluxFamily(Family):
     joint = True
 
     def __init__(self, model: torch.nn.Module):
+        self._text_width = int(model.context_embedder.in_features)
         self._single = {f"{name}.attn" for name, m in model.named_modules()
                         if type(m).__name__ == "FluxSingleTransformerBlock"}
 
@@ -167,7 +173,22 @@ class FluxFamily(Family):
 
     def call_kwargs(self, get: ArgGetter):
         ehs = get("encoder_hidden_states")
-        return {TEXT_LEN_KWARG: ehs.shape[1]} if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else {}
+        return self.text_len_kwargs(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else {}
+
+    def text_len_kwargs(self, text_len: int):
+        return {TEXT_LEN_KWARG: int(text_len)}
+
+    def reference_call(self, call, ref_len: int):
+        txt_ids = call.get("txt_ids")
+        if isinstance(txt_ids, torch.Tensor) and txt_ids.shape[-2] == ref_len:
+            return {}
+        device = txt_ids.device if isinstance(txt_ids, torch.Tensor) else None
+        return {"txt_ids": torch.zeros(ref_len, 3, device=device)}  # Flux pipelines' text ids
+
+    def key_width(self, module):  # reference prompts come in as the model's encoder_hidden_states
+        return self._text_width
+
+    value_width = key_width
 
 
 __all__ = ["SemfidFluxAttnProcessor", "FluxFamily", "TEXT_LEN_KWARG"]

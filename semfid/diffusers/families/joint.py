@@ -12,14 +12,15 @@ moved onto the joint key axis and ``map_queries`` = the image queries, so ``rec.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..._tokens import TokenSelection
-from ...ops import attention_maps, cross_attention
+from ...ops import attention_maps, cross_attention, subject_attention
 from ..processors import CALL_KWARG
 from ..requests import CallStateProtocol, LayerPlan
+from .reference import reference_for
 
 Tensor = torch.Tensor
 Span = Tuple[int, int]
@@ -47,8 +48,12 @@ def on_key_axis(tokens: TokenSelection, offset: int) -> TokenSelection:
 
 def joint_attention(name: str, query: Tensor, key: Tensor, value: Tensor, *, scale: float,
                     attn_bias: Optional[Tensor], plan: LayerPlan, call: CallStateProtocol,
-                    text: Span, image: Span) -> Tensor:
-    r"""Attention over a joint key set through semfid's ops, recording the maps a plan asks for.
+                    text: Span, image: Span, ref_keys: Optional[Dict[str, Tensor]] = None) -> Tensor:
+    r"""Attention over a joint key set through semfid's ops, recording the maps / loss a plan asks for.
+
+    The subject loss (:func:`semfid.subject_attention`) replaces the text keys (``ref_segment =
+    text``) by this layer's keys from the reference pass (:mod:`.reference`); ``ref_tokens`` index
+    the reference text the same way ``tokens`` index the call's text.
 
     Args:
         name (`str`): the layer name (recorder key, error messages).
@@ -60,18 +65,31 @@ def joint_attention(name: str, query: Tensor, key: Tensor, value: Tensor, *, sca
         plan: this layer's plan in the call; call: the per-call state (records the maps).
         text (`(int, int)`): where the text keys lie on the key axis.
         image (`(int, int)`): where the image queries lie on the query axis.
+        ref_keys (*optional*): the call's ``semfid_ref_keys`` (needed by a loss plan).
 
     Returns:
         `torch.Tensor` [B, H, N, D]: the attention output (what SDPA gives, up to rounding).
     """
-    if plan.loss is not None:
-        raise NotImplementedError(f"layer {name}: subject_loss in joint blocks is not implemented yet")
-    first, rest = plan.captures[0], plan.captures[1:]
-    out, maps = cross_attention(query, key, value, scale=scale, attn_bias=attn_bias,
-                                select=on_key_axis(first.tokens, text[0]), head_reduce=first.head_reduce,
-                                map_queries=image)
-    call.record(first, name, maps)
-    for req in rest:  # further (nested) captures: maps-only passes
+    if plan.value_states is not None:
+        raise ValueError(f"layer {name}: value_states (values blocks) replace the text states of a "
+                         "cross-attention layer; a joint block has no separate text values to replace")
+    item, captures = plan.loss, plan.captures
+    if item is not None:
+        k_ref = reference_for(name, ref_keys, query.shape[0])
+        res = subject_attention(query, key, value, k_ref, tokens=on_key_axis(item.tokens, text[0]),
+                                ref_tokens=on_key_axis(item.ref_tokens, text[0]), scale=scale,
+                                attn_bias=attn_bias, ref_attn_bias=item.ref_bias,
+                                head_reduce=item.head_reduce, return_maps=item.keep_maps,
+                                map_queries=image, ref_segment=text)
+        out = res[0]
+        call.record(item, name, res[1], res[2] if item.keep_maps else None)
+    else:
+        first, captures = captures[0], captures[1:]
+        out, maps = cross_attention(query, key, value, scale=scale, attn_bias=attn_bias,
+                                    select=on_key_axis(first.tokens, text[0]),
+                                    head_reduce=first.head_reduce, map_queries=image)
+        call.record(first, name, maps)
+    for req in captures:  # further (nested) captures: maps-only passes
         maps = attention_maps(query, key, select=on_key_axis(req.tokens, text[0]), scale=scale,
                               attn_bias=attn_bias, head_reduce=req.head_reduce, map_queries=image)
         call.record(req, name, maps)

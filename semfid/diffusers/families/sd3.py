@@ -9,7 +9,7 @@ first 13 blocks (image tokens only: no text keys, never captured). Per-call stat
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..requests import CallStateProtocol
 from .base import ArgGetter, Family, latent_grid
 from .joint import joint_attention, layer_plan
+from .reference import ReferenceRecord
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -47,6 +48,8 @@ class SemfidJointAttnProcessor:
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         semfid_call: Optional[CallStateProtocol] = None,
+        semfid_ref_record: Optional[ReferenceRecord] = None,
+        semfid_ref_keys: Optional[Dict[str, torch.Tensor]] = None,
     ):
         r"""Run the joint attention layer.
 
@@ -56,7 +59,9 @@ class SemfidJointAttnProcessor:
             encoder_hidden_states (`torch.Tensor` [B, M, C], *optional*): text stream; ``None`` in
                 SD3.5 medium's ``attn2`` (self-attention over the image).
             attention_mask: ignored, as ``JointAttnProcessor2_0`` ignores it.
-            semfid_call (*optional*): per-call state from ``joint_attention_kwargs``.
+            semfid_call, semfid_ref_record, semfid_ref_keys (*optional*): per-call state from
+                ``joint_attention_kwargs`` (maps / loss plans; the reference pass's key record; the
+                reference keys of the loss pass, :mod:`.reference`).
 
         Returns:
             `(image, text)` outputs ([B, N_img, C], [B, M, C]) of a joint layer, else the image
@@ -86,13 +91,15 @@ class SemfidJointAttnProcessor:
             key = torch.cat([key, ctx_k], dim=2)
             value = torch.cat([value, ctx_v], dim=2)
 
+        n_img = residual.shape[1]
+        if semfid_ref_record is not None and encoder_hidden_states is not None:
+            semfid_ref_record.put(self.name, self.owner, key[:, :, n_img:])
         if plan is None or not plan.wants_maps:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         else:
-            n_img = residual.shape[1]
             out = joint_attention(self.name, query, key, value, scale=head_dim ** -0.5, attn_bias=None,
                                   plan=plan, call=semfid_call, text=(n_img, key.shape[2]),
-                                  image=(0, n_img))
+                                  image=(0, n_img), ref_keys=semfid_ref_keys)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -119,6 +126,7 @@ class SD3Family(Family):
 
     def __init__(self, model: torch.nn.Module):
         self._patch = int(model.config.patch_size)
+        self._text_width = int(model.context_embedder.in_features)
 
     def text_layers(self, modules):
         return {n: m for n, m in modules.items() if getattr(m, "added_kv_proj_dim", None) is not None}
@@ -129,6 +137,11 @@ class SD3Family(Family):
     def grids(self, get: ArgGetter, names):
         grid = latent_grid(get(self.latent_arg), self._patch)
         return {n: grid for n in names}
+
+    def key_width(self, module):  # reference prompts come in as the model's encoder_hidden_states
+        return self._text_width
+
+    value_width = key_width
 
 
 __all__ = ["SemfidJointAttnProcessor", "SD3Family"]
