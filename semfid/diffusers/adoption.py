@@ -7,7 +7,7 @@ self-attention layers and ``IPAdapterAttnProcessor2_0`` / ``AttnProcessor2_0`` o
 ``fuse_qkv_projections`` / attention slicing / xformers put processors semfid does not reproduce.
 None of that runs through semfid, so the controller *adopts* at its next ``with`` block
 (:meth:`SemfidController._check_processors`): each processor of a class semfid reproduces exactly
-(:data:`REPLACEABLE`) is swapped for a semfid processor of that controller (the IP-Adapter one keeps
+(:func:`stands_in_for`) is swapped for a semfid processor of that controller (the IP-Adapter one keeps
 the adapter's weights), anything else on a chosen layer is an error naming the layer.
 
 With no block active nothing is swapped: the UNet runs whatever diffusers put there.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from diffusers.models import attention_processor as _ap
@@ -34,39 +34,25 @@ from diffusers.models import attention_processor as _ap
 from .ip_adapter import SemfidIPAdapterAttnProcessor
 from .processors import SemfidAttnProcessor
 
-#: processor class names semfid reproduces exactly (install() accepts them; blocks adopt them)
-REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0", "SemfidAttnProcessor",
-               "SemfidIPAdapterAttnProcessor")
-_STOCK_PLAIN = tuple(c for c in (getattr(_ap, "AttnProcessor2_0", None), getattr(_ap, "AttnProcessor", None))
-                     if c is not None)
+#: IP-Adapter processor class names semfid reproduces exactly, besides each model family's own list
+#: (``Family.replaceable``: ``AttnProcessor2_0``, ``AttnProcessor``, ``SemfidAttnProcessor`` for UNets)
+IP_REPLACEABLE = ("IPAdapterAttnProcessor2_0", "SemfidIPAdapterAttnProcessor")
 _STOCK_IP = _ap.IPAdapterAttnProcessor2_0
 
 
-def is_semfid(processor, owner: Any) -> bool:
-    """A semfid processor of the controller whose identity token is ``owner``."""
-    return isinstance(processor, SemfidAttnProcessor) and processor.owner is owner
-
-
-def adopt(processor, name: str, owner: Any, active: bool,
-          make_plain: Callable[[], SemfidAttnProcessor]) -> Optional[SemfidAttnProcessor]:
-    r"""The semfid processor that stands in for ``processor`` on layer ``name``, or ``None``.
-
-    Args:
-        processor: what the layer holds now.
-        name, owner, active: the identity of the new processor (see :class:`SemfidAttnProcessor`).
-        make_plain: builds the plain semfid processor of this layer (the model family's).
-
-    Returns:
-        a :class:`SemfidIPAdapterAttnProcessor` sharing the adapter's weights for an IP-Adapter
-        processor (stock or semfid), ``make_plain()`` for ``AttnProcessor2_0`` / ``AttnProcessor`` /
-        a plain semfid processor, ``None`` for anything else (fused QKV, sliced, xformers, custom).
-    """
-    cls = type(processor)
-    if cls is _STOCK_IP or cls is SemfidIPAdapterAttnProcessor:
+def adopt_ip(processor, name: str, owner: Any, active: bool) -> Optional[SemfidIPAdapterAttnProcessor]:
+    """For an IP-Adapter processor (stock or semfid): a semfid one of ``owner`` sharing its weights;
+    ``None`` for any other processor."""
+    if type(processor) in (_STOCK_IP, SemfidIPAdapterAttnProcessor):
         return SemfidIPAdapterAttnProcessor.adopt(processor, name, owner, active)
-    if cls in _STOCK_PLAIN or cls is SemfidAttnProcessor:
-        return make_plain()
     return None
+
+
+def stands_in_for(processor, replaceable) -> bool:
+    """Whether semfid reproduces ``processor`` exactly: its class name is in ``replaceable`` (the
+    model family's list) or it is an IP-Adapter processor (:data:`IP_REPLACEABLE`)."""
+    name = type(processor).__name__
+    return name in replaceable or name in IP_REPLACEABLE
 
 
 def stock_equivalent(processor, memo: Optional[dict] = None):
@@ -126,4 +112,4 @@ class PreHook:
         return _no_hook
 
 
-__all__ = ["REPLACEABLE", "adopt", "is_semfid", "stock_equivalent", "register_with_diffusers", "PreHook"]
+__all__ = ["IP_REPLACEABLE", "adopt_ip", "stands_in_for", "stock_equivalent", "register_with_diffusers", "PreHook"]

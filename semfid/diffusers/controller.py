@@ -62,11 +62,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._inputs import TokensLike
+from .adoption import PreHook, adopt_ip, register_with_diffusers, stands_in_for, stock_equivalent
 from .blocks import capture_block, subject_loss_block, values_block
 from .families import detect_family, processor_modules
 from .families.reference import KEYS_KWARG as REF_KEYS_KWARG, reference_keys
 from .layers import LayerFilter, resolve_layers
-from .processors import CALL_KWARG
+from .processors import CALL_KWARG, SemfidAttnProcessor
 from .recorders import AttentionRecorder, SubjectLossRecorder
 from .requests import LossRequest, Request, StatesLike, plan_call
 
@@ -108,18 +109,18 @@ class SemfidController:
         self._family = family
         self._arg_index = {p: params.index(p) for p in params}
         foreign = [(n, type(m.processor).__name__) for n, m in modules.items()
-                   if type(m.processor).__name__ not in family.replaceable]
+                   if not stands_in_for(m.processor, family.replaceable)]
         if foreign:
             name, cls = foreign[0]
             raise ValueError(
                 f"unet has {len(foreign)} attention processor(s) that semfid cannot stand in for "
                 f"(e.g. {name}: {cls}); install() reproduces only {list(family.replaceable[:-1])} on a "
-                f"{kind}. Call unet.set_default_attn_processor() (or undo xformers / fused QKV / "
-                "IP-Adapter) first."
+                f"{kind} (and IP-Adapter). Call unet.set_default_attn_processor() (or undo xformers / "
+                "fused QKV / attention slicing) first."
             )
         stale = getattr(unet, "_semfid_controller", None)
         stale = stale() if stale is not None else None
-        if stale is not None and stale.installed:
+        if stale is not None and stale.installed and stale._unet_ref() is unet:  # not a deepcopy's
             if stale._processors_intact():
                 raise ValueError(
                     "unet already has semfid processors installed; call uninstall() on that "
@@ -134,14 +135,16 @@ class SemfidController:
         self._modules = modules
         self._saved = {n: m.processor for n, m in modules.items()}
         chosen = set(self.layers)
-        self._processors = {n: family.make_processor(n, m, self._owner, n in chosen) for n, m in modules.items()}
+        self._chosen = chosen
+        self._processors = {n: self._new_processor(n, m) for n, m in modules.items()}
         self._k_width = {n: family.key_width(cross[n]) for n in self.layers}
         self._v_width = {n: family.value_width(cross[n]) for n in self.layers}
         self._local = threading.local()
         self._lock = threading.Lock()
         for n, m in modules.items():
             m.set_processor(self._processors[n])
-        self._hook = unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        register_with_diffusers()  # diffusers' set_default_attn_processor accepts semfid's classes
+        self._hook = unet.register_forward_pre_hook(PreHook(self._pre_hook), with_kwargs=True)
         unet._semfid_controller = weakref.ref(self)
         self.installed = True
 
@@ -150,18 +153,44 @@ class SemfidController:
         names = self._processors if names is None else names
         return all(self._modules[n].processor is self._processors[n] for n in names)
 
+    def _new_processor(self, name: str, module):
+        """This controller's processor for layer ``name``: the IP-Adapter one if ``module`` holds an
+        IP-Adapter processor, else the model family's."""
+        active = name in self._chosen
+        ip = adopt_ip(module.processor, name, self._owner, active)
+        return ip if ip is not None else self._family.make_processor(name, module, self._owner, active)
+
     def _check_processors(self, names) -> None:
+        """Before a block / a call in a block: every layer still runs a processor of this controller.
+
+        A layer whose processor diffusers replaced by one semfid reproduces exactly (``load_ip_adapter``,
+        ``unload_ip_adapter``, ``set_default_attn_processor``, ``set_attn_processor(AttnProcessor2_0())``,
+        ...) gets a processor of this controller again (``adoption``); anything else on one of
+        ``names`` (the layers to record) is an error naming the layer.
+        """
         if not self.installed:
             raise RuntimeError("this semfid controller was uninstalled; call semfid.diffusers.install(unet) again")
-        replaced = [n for n in names if self._modules[n].processor is not self._processors[n]]
-        if replaced:
-            n = replaced[0]
+        if all(m.processor is self._processors[n] for n, m in self._modules.items()):
+            return
+        foreign = []
+        for n, m in self._modules.items():
+            proc = m.processor
+            if proc is self._processors[n]:
+                continue
+            if stands_in_for(proc, self._family.replaceable):
+                self._saved[n] = stock_equivalent(proc)  # what uninstall() puts back on this layer
+                self._processors[n] = self._new_processor(n, m)
+                m.set_processor(self._processors[n])
+            elif n in names:
+                foreign.append(n)
+        if foreign:
+            n = foreign[0]
             raise RuntimeError(
-                f"semfid processors were replaced on {len(replaced)} layer(s) after install (e.g. {n} "
-                f"now has {type(self._modules[n].processor).__name__}); something like "
-                "set_attn_processor, enable_xformers_memory_efficient_attention, "
-                "fuse_qkv_projections or load_ip_adapter ran. No maps or losses would be recorded: "
-                "undo it and call semfid.diffusers.install(unet) again."
+                f"{len(foreign)} layer(s) to record run a processor semfid cannot record through (e.g. "
+                f"{n}: {type(self._modules[n].processor).__name__}): fuse_qkv_projections, attention "
+                "slicing, xformers or a custom set_attn_processor ran. No maps or losses would be "
+                "recorded: undo it (unfuse_qkv_projections(), set_attention_slice(None), "
+                "set_default_attn_processor(), ...) and the next block puts semfid's processors back."
             )
 
     def _detach(self) -> None:
@@ -180,6 +209,8 @@ class SemfidController:
             for n, m in self._modules.items():
                 if m.processor is self._processors[n]:
                     m.set_processor(self._saved[n])
+                elif isinstance(m.processor, SemfidAttnProcessor) and m.processor.owner is None:
+                    m.set_processor(stock_equivalent(m.processor))  # diffusers' type(old)() copies
             self._detach()
             unet = self._unet_ref()
             if unet is not None and getattr(unet, "_semfid_controller", lambda: None)() is self:
@@ -351,13 +382,12 @@ class SemfidController:
         return values_block(self, value_states)
 
     def __deepcopy__(self, memo):
-        # Reached through the UNet's forward pre-hook when an installed UNet is deep-copied (EMA
-        # copies, ...). A copy sharing this controller would record into its blocks; a copy of the
-        # controller would need new hooks and thread-local state. Neither is what a caller
-        # expects silently, so say what to do instead.
+        # copy.deepcopy(unet) never gets here: the hook copies as a no-op and each processor as the
+        # stock one it stands in for, so the copy is a stock UNet (adoption.py). A copy of the
+        # controller itself would share or lose its UNet, hook and thread-local blocks.
         raise TypeError(
-            "cannot deepcopy a UNet while semfid processors are installed on it: copy it before "
-            "semfid.diffusers.install(), or call ctl.uninstall() first and install on each copy"
+            "a SemfidController cannot be deep-copied; copy.deepcopy(unet) gives a stock UNet: call "
+            "semfid.diffusers.install() on the copy for a controller of its own"
         )
 
     def __repr__(self) -> str:
