@@ -148,7 +148,7 @@ def _select(inp: AnyInputs, backend: str) -> Type[BackendBase]:
 from . import torch as _torch_backend  # noqa: E402,F401
 from . import triton as _triton_backend  # noqa: E402,F401
 from . import cuda as _cuda_backend  # noqa: E402,F401
-from . import sdpa as _sdpa_backend  # noqa: E402,F401
+from . import sdpa_backend as _sdpa_backend  # noqa: E402,F401
 
 __all__ = [
     "BackendBase",

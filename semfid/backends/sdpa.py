@@ -1,4 +1,5 @@
-"""The ``sdpa`` backend: semfid's ops built only from PyTorch's own fused attention kernels.
+"""The math of the ``sdpa`` backend (:mod:`semfid.backends.sdpa_backend`): semfid's ops built only
+from PyTorch's own fused attention kernels.
 
 The augmented-value identity (DESIGN.md §2): append one-hot columns ``E_sel`` [M, S] for the
 selected keys to the values, and one attention call returns the output and the selected
@@ -336,51 +337,3 @@ def subject_backward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Optio
     dq, dk, dv, dk_ref = grads(outputs, grad_outputs, [qg, kg, vg, krg])
     return (like(q, dq), like(k, dk), like(v, dv),
             q.new_empty(0) if detach_reference else like(k_ref, dk_ref))
-
-
-# ------------------------------------------------------------------------------------------------
-# the backend
-# ------------------------------------------------------------------------------------------------
-from .._inputs import SubjectInputs, XattnInputs  # noqa: E402
-from . import register_backend  # noqa: E402  (after the math: the functions import on their own)
-from .base import BackendBase  # noqa: E402
-
-
-@register_backend
-class SdpaBackend(BackendBase):
-    """PyTorch's fused SDPA kernels with the augmented-value identity: validated by PyTorch on
-    every device it supports, so ``auto`` takes it on CUDA when no semfid kernel is validated."""
-
-    NAME = "sdpa"
-    SUPPORTED_DEVICES = frozenset({"cpu", "cuda"})
-    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-    # Between the semfid kernels (triton 10, cuda 20) and the chunked torch loop (100).
-    PRIORITY = 50
-    # On CPU the chunked torch backend is faster (DESIGN.md §5): auto takes sdpa on CUDA only.
-    AUTO_DEVICES = frozenset({"cuda"})
-
-    @classmethod
-    def status(cls) -> str:
-        return "PyTorch's own fused SDPA kernels (augmented values); auto on CUDA"
-
-    @staticmethod
-    def forward(inp: XattnInputs):
-        return xattn_forward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads)
-
-    @staticmethod
-    def backward(inp: XattnInputs, out, lse, dout, dmaps):
-        return xattn_backward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads,
-                              out, lse, dout, dmaps)
-
-    @staticmethod
-    def subject_forward(inp: SubjectInputs):
-        return subject_forward(*_subject_args(inp), inp.return_maps)
-
-    @staticmethod
-    def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps):
-        return subject_backward(*_subject_args(inp), out, lse, lse_ref, diff, dout, dloss, dmaps)
-
-
-def _subject_args(inp: SubjectInputs) -> tuple:
-    return (inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens,
-            inp.weights, inp.scale, inp.mean_heads, inp.detach_reference)

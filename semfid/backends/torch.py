@@ -1,15 +1,16 @@
 """The portable, memory-efficient PyTorch backend (CPU and CUDA, every dtype).
 
-Forward and backward walk the queries in chunks, so the largest temporary is one
-[B, H, chunk, M] block of probabilities (≈2 MiB) and nothing of size [B, H, N, M] is ever kept:
-backward recomputes P from q and k. Chunks are computed in float32 (float64 for float64 inputs),
+Short key sets (the UNet's 77 text keys, up to ``LONG_KEYS``) walk the queries in chunks, so the
+largest temporary is one [B, H, chunk, M] block of probabilities (≈2 MiB) and nothing of size
+[B, H, N, M] is ever kept: backward recomputes P from q and k (cross-attention:
+:mod:`semfid.backends.torch_xattn`). Chunks are computed in float32 (float64 for float64 inputs),
 so half-precision inputs get fp32 softmax and accumulation.
 
-Backward per chunk (P recomputed, G = map gradient scattered onto the selected columns)::
-
-    dP = dO · Vᵀ + scatter(G)
-    dS = P ⊙ (dP − rowsum(P ⊙ dP))                       (softmax backward, one fused op)
-    dQ = dS · K · scale,   dK += dSᵀ · Q · scale,   dV += Pᵀ · dO
+Long and joint key sets (more than ``LONG_KEYS`` keys, or ``map_queries`` / ``ref_segment``
+other than the full ranges) run :mod:`semfid.backends.joint` (the split lse, maps from lse), whose
+attention is blocked over queries *and* keys: PyTorch's fused CPU flash-attention kernels on CPU
+tensors in eager mode, else the online softmax in PyTorch (:class:`~.primitives.Blocked`: logit
+blocks of at most ``primitives.BLOCK_ELEMENTS`` elements, 2 MiB in fp32).
 
 The subject op runs both key sets through the same ops: ``[k, k_ref]`` is one key tensor of
 2·M' keys (M' = max(M, M_ref); the shorter set is padded with keys masked by -inf), so one matmul
@@ -26,25 +27,30 @@ runs on CUDA tensors, under tracing, and wherever the core is not built.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
-from .._inputs import SubjectInputs, XattnInputs, accumulation_dtype
+from .._inputs import SubjectInputs, XattnInputs
 from .. import _cpu_core
-from . import register_backend
+from . import joint, register_backend
 from .base import (
     BackendBase,
     BackwardResult,
     ForwardResult,
     SubjectBackwardResult,
     SubjectForwardResult,
-    empty_forward_outputs,
-    empty_output,
     empty_subject_grads,
     empty_subject_outputs,
-    nan_rows,
-    nothing,
+)
+from .primitives import Blocked, FusedCpu
+from .torch_subject_keys import _SubjectKeys
+from .torch_xattn import (
+    _chunks,
+    _fused_cpu_attention_applies,
+    _fused_cpu_forward,
+    xattn_backward,
+    xattn_forward,
 )
 
 Tensor = torch.Tensor
@@ -63,180 +69,38 @@ USE_CPU_CORE = True
 # (SD1.5 twin's 16-query layers), 0.71 at 2.0 M (SDXL twin's 64-query layers), 1.09-1.20 at 3.9 M,
 # 1.4-1.6 from 15 M on.
 _SMALL_WORK = 1 << 21
-
-
-def _chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
-    """Query rows in round(n / rows_per_chunk) chunks (at least one) of equal size up to one row:
-    the block budget is a target, so a 256-query layer is one chunk of 256, not 212 + 44 (the
-    second chunk cost as many calls as the first). The C++ core splits the same way."""
-    count = max(1, (n + rows_per_chunk // 2) // rows_per_chunk)
-    size = max(1, -(-n // count))  # n = 0: no chunk
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+# More keys than this (or joint ranges) take the joint path: blocked over the keys as well.
+LONG_KEYS = 1024
+# Tests set this to False to run the joint path's PyTorch online softmax on CPU tensors too.
+USE_FUSED_CPU = True
 
 
 def _chunk_rows(B: int, H: int, M: int) -> int:
     return max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(1, B * H * M))
 
 
-def _map_index(select: Tensor, H: int, rows: int) -> Tensor:
-    """[B, S] -> [B, H, rows, S] view used to gather/scatter the selected columns."""
-    B, S = select.shape
-    return select[:, None, None, :].expand(B, H, rows, S)
+def _joint(inp: Union[XattnInputs, SubjectInputs]) -> bool:
+    """Whether ``inp`` runs the joint path (long keys or joint ranges, module docstring)."""
+    return inp.joint_ranges or inp.num_keys > LONG_KEYS
 
 
-def _dead_rows(bias: Tensor) -> Tensor:
-    """[B, H, 1] mask of the (batch, head) pairs whose keys are all -inf (P = 0, lse = +inf)."""
-    return torch.isneginf(bias).all(dim=-1)[:, :, None]
+def _kernels(q: Tensor):
+    """The attention primitives of the joint path for q's device (module docstring)."""
+    if q.device.type == "cpu" and USE_FUSED_CPU and not torch.compiler.is_compiling():
+        return FusedCpu
+    return Blocked
 
 
-def _dead_mask_or_none(dead: Tensor, bias: Tensor) -> Optional[Tensor]:
-    """``dead`` when it may hold a True (always on CUDA / under tracing: no host sync), else None."""
-    if torch.compiler.is_compiling() or bias.device.type != "cpu" or bool(dead.any()):
-        return dead
-    return None
 
 
-def _row_lse(s: Tensor, p: Tensor) -> Tensor:
-    """lse = max logit − log(max probability): both maxima sit on the same key and p_max ≥ 1/M,
-    so the log is exact to float rounding (no separate logsumexp pass)."""
-    return s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
 
 
-class _Operands:
-    """The per-call tensors both passes share, in the accumulation dtype.
-
-    ``k_t_scaled`` is kᵀ·scale [B, H, D, M] (scale folded in once), ``k_scaled`` its transpose for
-    dQ = dS·K·scale; ``dead_rows`` [B, H, 1, 1] marks (batch, head) pairs whose keys are all -inf
-    (None when there are none): softmax would give NaN there, the contract says P = 0.
-    """
-
-    def __init__(self, k, v, bias, scale):
-        self.acc = accumulation_dtype(k.dtype)
-        self.k_scaled = k.to(self.acc) * scale
-        self.k_t_scaled = self.k_scaled.transpose(-1, -2)
-        self.v = None if v is None else v.to(self.acc)
-        self.bias = None if bias is None else bias[:, :, None, :]
-        self.dead_rows = None if bias is None else _dead_mask_or_none(_dead_rows(bias)[..., None], bias)
-
-    def logits(self, qc: Tensor) -> Tensor:
-        """[B, H, c, M] logits q·kᵀ·scale + bias."""
-        s = torch.matmul(qc.to(self.acc), self.k_t_scaled)
-        return s.add_(self.bias) if self.bias is not None else s
-
-    def softmax(self, s: Tensor) -> Tensor:
-        """P = softmax(s) over the keys, 0 on fully masked rows."""
-        p = torch.softmax(s, dim=-1)
-        return p.masked_fill_(self.dead_rows, 0.0) if self.dead_rows is not None else p
-
-    def probabilities(self, qc: Tensor) -> Tensor:
-        """P of a query chunk [B, H, c, M].
-
-        Backward recomputes P with the forward's own fused softmax rather than as exp(logit − lse):
-        as cheap (one pass), and bit-identical to the forward, whereas an fp32 lse of a row padded
-        with −10000 is only good to ~5e-4 and would make P that much off.
-        """
-        return self.softmax(self.logits(qc))
 
 
-class _SubjectKeys:
-    """Keys of the subject op as [B·H, K, D] batches (3-D ``bmm``/``baddbmm``: no per-call
-    reshapes, the bias folded into the logits matmul; the scale goes into the query chunk).
 
-    ``paired=True``: the target and reference keys as one set of K = 2·M' keys (see module
-    docstring); probabilities are viewed as [B·H, c, 2, M'], index 0 of dim -2 being the target.
-    ``paired=False``: the target keys alone (K = M), for the backward that needs no A_r.
-    """
 
-    def __init__(self, inp: SubjectInputs, paired: bool):
-        acc = self.acc = accumulation_dtype(inp.dtype)
-        B, H, M, D = inp.k.shape
-        M_ref = inp.k_ref.shape[2]
-        self.B, self.H, self.M, self.M_ref = B, H, M, M_ref
-        self.scale = inp.scale
-        self.width = width = max(M, M_ref) if paired else M
-        self.segments = 2 if paired else 1
-        if not paired:
-            keys = inp.k.to(acc)
-        elif M == M_ref:
-            keys = torch.cat([inp.k, inp.k_ref], dim=2).to(acc)  # a fresh contiguous tensor
-        else:
-            keys = inp.q.new_zeros(B, H, 2 * width, D, dtype=acc)
-            keys[:, :, :M] = inp.k
-            keys[:, :, width:width + M_ref] = inp.k_ref
-        self.keys = keys.reshape(B * H, -1, D)  # a copy only for a strided (diffusers) k
-        self.keys_t = self.keys.transpose(1, 2)
-        v = inp.v.to(acc)
-        if width != M:  # the target segment is M' wide: zero value rows under its padding keys
-            v = torch.nn.functional.pad(v, (0, 0, 0, width - M))
-        self.v = v.reshape(B * H, width, -1)
-        self.bias = self._bias(inp, paired)
-        self.dead_rows = None
-        if self.bias is not None:
-            dead = torch.isneginf(self.bias.view(B * H, 1, self.segments, width)).all(dim=-1)
-            self.dead_rows = _dead_mask_or_none(dead[..., None], self.bias)
-        if paired:
-            self.index = torch.cat([inp.tokens, inp.ref_tokens + width], dim=1)
-        else:
-            self.index = inp.tokens
 
-    def _bias(self, inp: SubjectInputs, paired: bool) -> Optional[Tensor]:
-        """[B·H, 1, K] logit bias (None when no key is biased or padded)."""
-        B, H, M, M_ref, W = self.B, self.H, self.M, self.M_ref, self.width
-        if not paired:
-            return None if inp.bias is None else inp.bias.reshape(B * H, 1, M).to(self.acc)
-        if inp.bias is None and inp.ref_bias is None and M == M_ref:
-            return None
-        bias = inp.q.new_zeros(B, H, 2 * W, dtype=self.acc)
-        bias[:, :, M:W] = float("-inf")
-        bias[:, :, W + M_ref:] = float("-inf")
-        if inp.bias is not None:
-            bias[:, :, :M] = inp.bias
-        if inp.ref_bias is not None:
-            bias[:, :, W:W + M_ref] = inp.ref_bias
-        return bias.view(B * H, 1, 2 * W)
 
-    def queries(self, t: Tensor, rows: slice, scale: Optional[float] = None) -> Tensor:
-        """[B·H, c, D] contiguous chunk of a [B, H, N, D] tensor (q or dout) in the acc dtype,
-        times ``scale`` when given (the logit scale is folded into the query chunk)."""
-        chunk = t[:, :, rows]
-        B, H, c = self.B, self.H, chunk.shape[2]
-        out = torch.empty((B, H, c, chunk.shape[3]), dtype=self.acc, device=t.device)
-        if scale is None:
-            out.copy_(chunk)
-        elif t.dtype == self.acc:
-            torch.mul(chunk, scale, out=out)  # one pass: gather the strided rows and scale them
-        else:
-            out.copy_(chunk).mul_(scale)  # widen first: the product is formed in the acc dtype
-        return out.view(B * H, c, -1)
-
-    def probabilities(self, qc: Tensor) -> Tuple[Tensor, Tensor]:
-        """(logits, P) of a query chunk, both [B·H, c, segments, M']."""
-        if self.bias is not None:
-            s = torch.baddbmm(self.bias, qc, self.keys_t)
-        else:
-            s = torch.bmm(qc, self.keys_t)
-        s = s.view(s.shape[0], s.shape[1], self.segments, self.width)
-        p = torch.softmax(s, dim=-1)
-        if self.dead_rows is not None:
-            p.masked_fill_(self.dead_rows, 0.0)
-        return s, p
-
-    def gather_maps(self, p: Tensor, mean_heads: bool) -> Tensor:
-        """[B, (H,) c, segments·S] selected columns (A_t first, then A_r when paired)."""
-        B, H = self.B, self.H
-        c = p.shape[1]
-        flat = p.view(B, H, c, self.segments * self.width)
-        a = torch.gather(flat, -1, _map_index(self.index, H, c))
-        return a.mean(dim=1) if mean_heads else a
-
-    def scatter_map_grads(self, dp: Tensor, g: Tensor, mean_heads: bool) -> None:
-        """dP[..., index] += G: g [B, c, segments·S] (already divided by H) or [B, H, c, ..]."""
-        B, H = self.B, self.H
-        c = dp.shape[1]
-        if mean_heads:
-            g = g.unsqueeze(1).expand(B, H, c, g.shape[-1])
-        dp.view(B, H, c, -1).scatter_add_(-1, _map_index(self.index, H, c), g)
 
 
 # BLAS writes an output with a narrow last dimension several times slower than its transpose
@@ -296,8 +160,10 @@ class TorchBackend(BackendBase):
     # The portable fallback: auto may always take it, even where faster backends are unvalidated.
     AUTO_DEVICES = frozenset({"cpu", "cuda"})
 
-    # Its subject backward recomputes P with the forward's softmax: no lse to save.
+    # Its short-key subject backward recomputes P with the forward's softmax: no lse to save
+    # (the joint path saves it: subject_saves_lse).
     SUBJECT_SAVES_LSE = False
+    JOINT_RANGES = True
 
     @classmethod
     def status(cls) -> str:
@@ -307,61 +173,28 @@ class TorchBackend(BackendBase):
     # ---- cross-attention with selected maps ---------------------------------------------------------
     @staticmethod
     def forward(inp: XattnInputs) -> ForwardResult:
-        q, k, v, bias, select = inp.q, inp.k, inp.v, inp.bias, inp.select
-        B, H, N, _ = q.shape
-        if select is None and _fused_cpu_attention_applies(q, k, v):
+        if _joint(inp):
+            return joint.xattn_forward(_kernels(inp.q), inp)
+        if inp.select is None and _fused_cpu_attention_applies(inp.q, inp.k, inp.v):
             return _fused_cpu_forward(inp)
-        ops = _Operands(k, v, bias, inp.scale)
-        out, lse, maps = empty_forward_outputs(q, k, v, select, inp.mean_heads)
-        for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
-            s = ops.logits(q[:, :, rows])
-            p = ops.softmax(s)
-            row_lse = _row_lse(s, p)
-            if ops.dead_rows is not None:
-                row_lse = row_lse.masked_fill_(ops.dead_rows[..., 0], float("inf"))
-            lse[:, :, rows] = row_lse
-            if ops.v is not None:
-                out[:, :, rows] = torch.matmul(p, ops.v)
-            if select is not None:
-                picked = torch.gather(p, -1, _map_index(select, H, p.shape[2]))
-                maps[..., rows, :] = picked.mean(dim=1) if inp.mean_heads else picked
-        return out, lse, maps
+        return xattn_forward(inp, _chunk_rows(inp.batch, inp.heads, inp.num_keys))
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
-        q, k, v, select = inp.q, inp.k, inp.v, inp.select
-        B, H, N, _ = q.shape
-        ops = _Operands(k, v, inp.bias, inp.scale)
-        has_dout = v is not None and dout is not None
-        has_dmaps = select is not None and dmaps is not None
-
-        dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=ops.acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=ops.acc, device=q.device) if v is not None else None
-
-        for rows in _chunks(N, _chunk_rows(B, H, k.shape[2])):
-            qc = q[:, :, rows].to(ops.acc)
-            p = ops.probabilities(qc)
-            if has_dout:
-                do_c = dout[:, :, rows].to(ops.acc)
-                dp = torch.matmul(do_c, ops.v.transpose(-1, -2))
-                dv.add_(torch.matmul(p.transpose(-1, -2), do_c))
-            else:
-                dp = torch.zeros_like(p)
-            if has_dmaps:
-                g = dmaps[..., rows, :].to(ops.acc)
-                g = (g / H).unsqueeze(1).expand(B, H, -1, -1) if inp.mean_heads else g
-                dp.scatter_add_(-1, _map_index(select, H, p.shape[2]), g)
-            # dS = P ⊙ (dP − rowsum(P ⊙ dP)), fused.
-            ds = torch._softmax_backward_data(dp, p, -1, ops.acc)
-            dq[:, :, rows] = torch.matmul(ds, ops.k_scaled)
-            dk.add_(torch.matmul(ds.transpose(-1, -2), qc))
-        dv_out = torch.empty_like(v).copy_(dv) if dv is not None else q.new_empty(0)
-        return dq, torch.empty_like(k).copy_(dk.mul_(inp.scale)), dv_out
+        if _joint(inp):
+            return joint.xattn_backward(_kernels(inp.q), inp, out, lse, dout, dmaps)
+        return xattn_backward(inp, out, lse, dout, dmaps,
+                              _chunk_rows(inp.batch, inp.heads, inp.num_keys))
 
     # ---- the one-pass subject-wise loss -------------------------------------------------------------
+    @classmethod
+    def subject_saves_lse(cls, inp: SubjectInputs) -> bool:
+        return _joint(inp)  # the joint path's maps come from lse; the short path recomputes P
+
     @staticmethod
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        if _joint(inp):
+            return joint.subject_forward(_kernels(inp.q), inp)
         core = _core_for(inp.q)
         if core is not None:
             # pybind returns a list: autograd and the op's callers want a tuple
@@ -371,6 +204,9 @@ class TorchBackend(BackendBase):
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss,
                          dmaps) -> SubjectBackwardResult:
+        if _joint(inp):
+            return joint.subject_backward(_kernels(inp.q), inp, out, lse, lse_ref, diff, dout,
+                                          dloss, dmaps)
         core = _core_for(inp.q)
         if core is not None:
             return tuple(core.subject_backward(*_core_inputs(inp), inp.detach_reference, diff,
@@ -383,7 +219,7 @@ class TorchBackend(BackendBase):
         # The core is these two methods in C++: a subclass that replaces either must run its own.
         own = (cls.subject_forward is TorchBackend.subject_forward
                and cls.subject_backward is TorchBackend.subject_backward)
-        if core is None or not own:
+        if core is None or not own or _joint(inp):
             return None
         return tuple(core.subject_attention(*_core_inputs(inp), inp.detach_reference,
                                             inp.return_maps, *_core_tuning()))
@@ -520,31 +356,5 @@ def _subject_map_grads(inp: SubjectInputs, keys: _SubjectKeys, p: Tensor, diff: 
                       torch.zeros_like(d) if g_r is None else g_r], dim=-1)
 
 
-def _fused_cpu_attention_applies(q, k, v) -> bool:
-    """PyTorch's fused CPU attention kernel returns (out, lse) for equal q/v head dims."""
-    return (q.device.type == "cpu" and v is not None and v.shape[-1] == q.shape[-1]
-            and q.shape[2] > 0 and not torch.compiler.is_compiling())
 
 
-def _fused_cpu_forward(inp: XattnInputs) -> ForwardResult:
-    """Output-only forward through ``aten._scaled_dot_product_flash_attention_for_cpu``.
-
-    With no maps to write, PyTorch's own fused kernel (blocked, fp32 accumulation, all threads)
-    computes out and the natural-log lse faster than the chunk loop; rows whose keys are all -inf
-    come back as zeros with lse 0, which the contract turns into +inf. Its outputs are put into the
-    contract's layouts when they differ (the kernel follows q's layout).
-    """
-    q, bias = inp.q, inp.bias
-    mask = None if bias is None else bias[:, :, None, :].to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, inp.k, inp.v, attn_mask=mask, scale=inp.scale)[:2]
-    if bias is not None:
-        lse = lse.masked_fill(_dead_rows(bias), float("inf"))
-    bad = nan_rows(q, inp.k)  # the kernel zeroes NaN rows; the contract propagates NaN
-    out = out.masked_fill(bad, float("nan"))
-    lse = lse.masked_fill(bad[..., 0], float("nan"))
-    layout = empty_output(q, inp.v)
-    if out.stride() != layout.stride():
-        out = layout.copy_(out)
-    lse = lse.to(accumulation_dtype(q.dtype)).contiguous()
-    return out, lse, nothing(q)
