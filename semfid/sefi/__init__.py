@@ -26,11 +26,13 @@ Modules, one concept each:
 * :mod:`.sample`, :mod:`.heatmaps` and :mod:`.generate` — sampling, heatmap drawing, the entry point;
 * :mod:`.learned` and :mod:`.checkpoints` — the file formats (safetensors + JSON, via :mod:`.files`);
 * :mod:`.images`, :mod:`.pipeline` — image files, loading a local diffusers folder;
-* :mod:`.tiny` — tiny random pipelines; :mod:`.errors` — ``SefiInputError``.
+* :mod:`.checks`, :mod:`.schemas` — the validation layer: option values, templates, placeholders,
+  output paths, and the schemas of every file read;
+* :mod:`.tiny` — tiny random pipelines; :mod:`.errors` — ``SefiInputError``, ``SefiDivergedError``.
 """
 
 from .config import GenerateConfig, TrainConfig
-from .errors import SefiInputError
+from .errors import SefiDivergedError, SefiInputError
 from .generate import generate
 from .learned import LearnedSubject, load_learned
 from .pipeline import load_components
@@ -57,5 +59,6 @@ __all__ = [
     "load_learned",
     "load_components",
     "SefiInputError",
+    "SefiDivergedError",
     "build_tiny_pipeline",
 ]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import schemas
 from .errors import SefiInputError
 from .files import PathLike, read_json, read_tensors, strip_prefix, write_json, write_tensors
 
@@ -102,15 +103,45 @@ def prune_checkpoints(directory: PathLike, keep: int) -> None:
 
 
 def load_checkpoint(folder: PathLike) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by :func:`save_checkpoint`, both files checked against their schema.
+
+    Raises:
+        SefiInputError: the folder is incomplete, or a file is unreadable or does not fit the schema.
+    """
     folder = Path(folder)
     if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
         raise SefiInputError(f"{folder} is not a complete semfid-train checkpoint")
-    meta = read_json(folder / "state.json")
+    meta = schemas.checkpoint_meta(read_json(folder / "state.json"), str(folder / "state.json"))
     tensors = read_tensors(folder / "state.safetensors")
-    return Checkpoint(int(meta["step"]), strip_prefix(tensors, "module."),
+    schemas.checkpoint_tensors(tensors, str(folder / "state.safetensors"))
+    return Checkpoint(meta["step"], strip_prefix(tensors, "module."),
                       _unflatten_optimizer(tensors, meta["optimizer"]), tensors["rng"], meta.get("config", {}))
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
+def pick_checkpoint(output: PathLike, resume: Union[str, PathLike]) -> Tuple[Path, Checkpoint, List[str]]:
+    r"""The checkpoint ``--resume`` names: ``"latest"`` or a checkpoint folder.
+
+    For ``"latest"`` the newest complete checkpoint under ``output`` that reads and fits its schema is
+    taken; newer ones that do not (a corrupt file) are skipped.
+
+    Returns:
+        ``(folder, checkpoint, skipped)``: ``skipped`` holds one line per checkpoint passed over.
+
+    Raises:
+        SefiInputError: no usable checkpoint (each reason is named).
+    """
+    if str(resume) != "latest":
+        return Path(resume), load_checkpoint(resume), []
+    skipped = []
+    for folder in reversed(complete_checkpoints(output)):
+        try:
+            return folder, load_checkpoint(folder), skipped
+        except SefiInputError as exc:
+            skipped.append(f"skipped the corrupt checkpoint {folder.name} ({exc})")
+    if skipped:
+        raise SefiInputError(f"--resume: no readable checkpoint in {output}: {'; '.join(skipped)}")
+    raise SefiInputError(f"--resume: {output} holds no checkpoint")
+
+
+__all__ = ["Checkpoint", "pick_checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
            "prune_checkpoints", "CHECKPOINTS_DIR"]

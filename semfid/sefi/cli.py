@@ -1,7 +1,9 @@
 """Command-line entry points: ``semfid-train``, ``semfid-generate``, ``semfid-tiny-pipeline``.
 
 Each ``*_main(argv=None)`` parses ``argv`` (default: ``sys.argv[1:]``) and returns the exit status:
-0 on success, 2 for bad input (one ``prog: error: ...`` line on stderr, nothing written). They are
+0 on success, 2 for bad input (one ``prog: error: ...`` line on stderr naming the option or file,
+checked before any work, nothing written), 3 when training diverged (a non-finite loss or token value;
+the message names the step, the checkpoints already written stay). They are
 the console scripts declared in ``pyproject.toml``; ``python -m semfid.sefi.cli {train,generate,
 tiny-pipeline} ...`` runs the same, which is also how ``accelerate launch -m semfid.sefi.cli train ...``
 starts a multi-GPU run (``accelerate launch --no_python semfid-train ...`` works too).
@@ -20,7 +22,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from .config import GenerateConfig, TrainConfig
-from .errors import SefiInputError
+from .errors import SefiDivergedError, SefiInputError
 from .options import add_options, given_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a hub
@@ -38,9 +40,9 @@ def _quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
+def _fail(prog: str, message: str, status: int = 2) -> int:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    return status
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         result = train(args.model, args.image, args.output, resume=args.resume, progress=not args.quiet,
                        **given_options(args, TrainConfig))
     except SefiInputError as exc:
-        return _fail("semfid-train", str(exc))
+        return _fail("semfid-train", str(exc), 3 if isinstance(exc, SefiDivergedError) else 2)
     if result.mse:
         print(f"semfid-train: wrote {result.output} (last mse {result.mse[-1]:.4f}, "
               f"attn {result.subject[-1]:.3e})")

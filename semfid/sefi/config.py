@@ -8,10 +8,10 @@ them (see :mod:`semfid.sefi.options`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from . import checks
 from .errors import SefiInputError
 from .options import document, option
 from .tokens import MODES
@@ -20,15 +20,12 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 #: default learning rate per token-module mode (the generator's output projection moves all 2·S·n
 #: vectors at once; free vectors follow textual inversion's usual rate).
 DEFAULT_LR = {"attention": 1e-4, "direct": 5e-3}
+#: upper limits of the options (beyond them a run is a typo, not a choice)
+MAX_STEPS, MAX_BATCH, MAX_LR, MAX_LOSS_WEIGHT, MAX_GUIDANCE = 10 ** 7, 256, 10.0, 1e6, 100.0
 
 
 def _variant_option():
     return option(None, "weight variant of the pipeline folder, e.g. fp16", type=str)
-
-
-def _check_resolution(resolution: Optional[int]) -> None:
-    if resolution is not None and (resolution < 8 or resolution % 8):
-        raise SefiInputError(f"--resolution must be a positive multiple of 8, got {resolution}")
 
 
 @document
@@ -63,36 +60,38 @@ class TrainConfig:
     variant: Optional[str] = _variant_option()
 
     def validate(self) -> "TrainConfig":
-        """Check every field; raises :class:`SefiInputError` naming the option."""
-        if not self.placeholder or any(c.isspace() for c in self.placeholder) or "{}" in self.placeholder:
-            raise SefiInputError(f"--placeholder must be a non-empty string without spaces or '{{}}', "
-                                 f"got {self.placeholder!r}")
-        if not self.class_word.strip():
-            raise SefiInputError("--class-word must not be empty")
-        if self.initializer is not None and not self.initializer.strip():
-            raise SefiInputError("--initializer must not be empty")
-        if self.template.count("{}") != 1:
-            raise SefiInputError(f"--template must contain '{{}}' exactly once, got {self.template!r}")
-        if self.placeholder in self.template or self.placeholder in self.class_word:
-            raise SefiInputError(f"the placeholder {self.placeholder!r} already appears in the template "
-                                 "or class word")
-        for name in ("stages", "num_vectors", "steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise SefiInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.mode not in MODES:
-            raise SefiInputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        _check_resolution(self.resolution)
-        if self.lr is not None and not self.lr > 0:
-            raise SefiInputError(f"--lr must be > 0, got {self.lr}")
-        if not (self.attn_loss_weight >= 0 and math.isfinite(self.attn_loss_weight)):
-            raise SefiInputError(f"--attn-loss-weight must be >= 0, got {self.attn_loss_weight}")
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise SefiInputError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
-                                 f"got {self.mixed_precision!r}")
-        if self.checkpoint_every < 0 or self.checkpoints_total_limit < 1:
-            raise SefiInputError("--checkpoint-every must be >= 0 and --checkpoints-total-limit >= 1")
-        if not 0 < self.min_crop <= 1:
-            raise SefiInputError(f"--min-crop must be in (0, 1], got {self.min_crop}")
+        """Check every field (:mod:`semfid.sefi.checks`); raises :class:`SefiInputError` naming the option."""
+        checks.placeholder("--placeholder", self.placeholder)
+        for name in ("class_word", "initializer"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip() or "{" in value
+                                      or "}" in value):
+                raise SefiInputError(f"--{name.replace('_', '-')} must be a non-empty word without braces, "
+                                     f"got {value!r}")
+        checks.template("--template", self.template)
+        for where in (self.template, self.class_word, self.initializer or ""):
+            if self.placeholder in where:
+                raise SefiInputError(f"--placeholder {self.placeholder!r} already appears in {where!r} (the "
+                                     "template, class word or initializer); choose another placeholder")
+        if not checks.placeholder_pattern([self.placeholder]).search(self.template.format(self.placeholder)):
+            raise SefiInputError(f"--template {self.template!r}: '{{}}' must stand as a word of its own (spaces "
+                                 "or punctuation around it), so that the placeholder is one token")
+        checks.integer("--stages", self.stages, 1, checks.MAX_STAGES)
+        checks.integer("--num-vectors", self.num_vectors, 1, checks.MAX_VECTORS)
+        checks.integer("--steps", self.steps, 1, MAX_STEPS)
+        checks.integer("--batch-size", self.batch_size, 1, MAX_BATCH)
+        checks.choice("--mode", self.mode, MODES)
+        checks.resolution("--resolution", self.resolution)
+        if self.lr is not None:
+            checks.number("--lr", self.lr, 0, MAX_LR, low_open=True)
+        checks.number("--attn-loss-weight", self.attn_loss_weight, 0, MAX_LOSS_WEIGHT)
+        checks.number("weight_decay", self.weight_decay, 0, 1)
+        checks.seed("--seed", self.seed)
+        if self.mixed_precision is not None:
+            checks.choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
+        checks.integer("--checkpoint-every", self.checkpoint_every, 0)
+        checks.integer("checkpoints_total_limit", self.checkpoints_total_limit, 1)
+        checks.number("min_crop", self.min_crop, 0, 1, low_open=True)
         return self
 
     @property
@@ -114,12 +113,14 @@ class GenerateConfig:
     variant: Optional[str] = _variant_option()
 
     def validate(self) -> "GenerateConfig":
-        """Check every field; raises :class:`SefiInputError` naming the option."""
+        """Check every field (:mod:`semfid.sefi.checks`); raises :class:`SefiInputError` naming the option."""
         if not self.seeds:
-            raise SefiInputError("give at least one seed")
-        if self.steps < 1:
-            raise SefiInputError(f"--steps must be >= 1, got {self.steps}")
-        _check_resolution(self.resolution)
+            raise SefiInputError("give at least one --seed")
+        for s in self.seeds:
+            checks.seed("--seed", s)
+        checks.integer("--steps", self.steps, 1, MAX_STEPS)
+        checks.resolution("--resolution", self.resolution)
+        checks.number("--guidance-scale", self.guidance_scale, 0, MAX_GUIDANCE)
         return self
 
 

@@ -1,4 +1,4 @@
-"""The one error class of the SeFi-IDE recipe for bad user input."""
+"""The error classes of the SeFi-IDE recipe: bad user input, and a training run that diverged."""
 
 from __future__ import annotations
 
@@ -10,4 +10,12 @@ class SefiInputError(ValueError):
     """
 
 
-__all__ = ["SefiInputError"]
+class SefiDivergedError(SefiInputError):
+    """Training met a non-finite loss or token value (too high a learning rate, usually).
+
+    The message names the step; nothing of the failing step is written, the checkpoints already on disk
+    stay. ``semfid-train`` prints it as ``semfid-train: error: <message>`` and exits with status 3.
+    """
+
+
+__all__ = ["SefiInputError", "SefiDivergedError"]

@@ -20,12 +20,23 @@ from .errors import SefiInputError
 PathLike = Union[str, os.PathLike]
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: ``0o666`` less the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary path beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp)`` for a temporary path beside ``path``, then rename it to ``path``.
+
+    Every file gets the same mode, that of a plain ``open()`` (some writers create theirs ``0o600``).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -68,8 +79,8 @@ def read_json(path: PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SefiInputError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise SefiInputError(f"cannot read {path}: {str(exc)[:200]}") from None
 
 
 def strip_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

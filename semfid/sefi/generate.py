@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import checks
 from .config import GenerateConfig
 from .errors import SefiInputError
 from .files import PathLike
@@ -19,7 +20,7 @@ from .heatmaps import write_heatmaps
 from .images import save_image
 from .learned import LearnedSubject, load_learned
 from .options import check_option_names
-from .pipeline import detect_kind, load_components, model_dims
+from .pipeline import detect_kind, load_components, load_tokenizers, model_dims
 from .sample import GeneratedImage, SefiSampler
 from .text import placeholder_pattern
 
@@ -36,13 +37,11 @@ def check_subjects(subjects: Sequence[LearnedSubject], dims: dict) -> None:
     """
     seen: Dict[str, str] = {}
     for s in subjects:
-        for other, source in seen.items():
-            if s.placeholder == other or s.placeholder in other or other in s.placeholder:
-                raise SefiInputError(
-                    f"placeholders collide: {s.placeholder!r} ({s.source}) and {other!r} ({source}); "
-                    "train each subject with its own --placeholder"
-                )
+        if s.placeholder in seen:
+            raise SefiInputError(f"placeholders collide: {s.placeholder!r} in {s.source} and in "
+                                 f"{seen[s.placeholder]}; train each subject with its own --placeholder")
         seen[s.placeholder] = s.source
+    checks.distinct_placeholders(seen)
     for s in subjects:
         if s.kind != dims["kind"]:
             raise SefiInputError(f"embeddings {s.source} were trained on a {s.kind} model, the pipeline is "
@@ -115,26 +114,34 @@ def generate(model: PathLike, embeddings: Sequence[PathLike], prompts: Sequence[
     check_option_names(options, GenerateConfig, "generation")
     prompts = list(prompts)
     config = GenerateConfig(**options)
-    config.seeds = list(dict.fromkeys(int(s) for s in config.seeds))  # one image per distinct seed
     if not embeddings:
         raise SefiInputError("give at least one --embeddings folder")
     config.validate()
+    config.seeds = list(dict.fromkeys(config.seeds))  # one image per distinct seed
     seeds = config.seeds
+    if output is not None:
+        if Path(output).suffix.lower() in IMAGE_SUFFIXES:
+            checks.writable_file("--output", output)
+        else:
+            checks.writable_folder("--output", output)
+    if attention_maps is not None:
+        checks.writable_folder("--attention-maps", attention_maps)
     subjects = [load_learned(e) for e in embeddings]
     placeholders = [s.placeholder for s in subjects]
     check_subjects(subjects, {"kind": detect_kind(model)})  # widths once the model is loaded
     check_prompts(prompts, placeholders)
-    if output is not None:
-        out = Path(output)
-        if out.suffix.lower() in IMAGE_SUFFIXES and not out.parent.is_dir():
-            raise SefiInputError(f"--output folder {out.parent} does not exist")
-        if out.suffix.lower() not in IMAGE_SUFFIXES and out.exists() and not out.is_dir():
-            raise SefiInputError(f"--output {out} exists and is not a folder")
+    tokenizers = load_tokenizers(model)
+    for s in subjects:
+        checks.not_a_word(f"the placeholder of {s.source}", s.placeholder, tokenizers)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     components = load_components(model, device=device, dtype=dtype, variant=config.variant)
     check_subjects(subjects, model_dims(components))
+    num_train_timesteps = int(components.scheduler.config.num_train_timesteps)
+    if config.steps > num_train_timesteps:
+        raise SefiInputError(f"--steps {config.steps} exceeds the scheduler's num_train_timesteps "
+                             f"({num_train_timesteps})")
     sampler = SefiSampler(components, subjects)
     try:
         sampler.layouts(prompts)  # too-long prompts fail here, before any sampling

@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from . import schemas
 from .errors import SefiInputError
 from .files import PathLike, read_json, read_tensors, strip_prefix, write_json, write_tensors
 
@@ -26,8 +27,6 @@ CONFIG_FILE = "sefi_config.json"
 #: Layout version of the learned-token folder.
 FORMAT_VERSION = 1
 
-_REQUIRED = ("placeholder", "class_word", "num_stages", "num_vectors", "kind", "token_widths",
-             "cross_attention_dim", "num_train_timesteps")
 
 
 @dataclass
@@ -89,35 +88,30 @@ def save_learned(directory: PathLike, pairs: Sequence[torch.Tensor], module_stat
 def load_learned(directory: PathLike) -> LearnedSubject:
     r"""Read a folder written by :func:`save_learned` (or ``semfid-train``).
 
+    Both files are checked against their schema (:mod:`semfid.sefi.schemas`) before use.
+
     Raises:
         SefiInputError: the folder or its files are missing, unreadable or inconsistent.
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise SefiInputError(f"--embeddings {directory} is a file; give the folder semfid-train wrote "
+                             f"(with {TOKENS_FILE} and {CONFIG_FILE})")
     if not directory.is_dir():
         raise SefiInputError(f"embeddings folder {directory} does not exist")
     for name in (TOKENS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise SefiInputError(f"{directory} holds no {name}: not a semfid-train output folder")
-    config = read_json(directory / CONFIG_FILE)
-    missing = [k for k in _REQUIRED if k not in config]
-    if missing:
-        raise SefiInputError(f"{directory / CONFIG_FILE} lacks {', '.join(missing)}")
+    config = schemas.learned_config(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE),
+                                    FORMAT_VERSION)
     tensors = read_tensors(directory / TOKENS_FILE)
-    widths = [int(w) for w in config["token_widths"]]
-    pairs = []
-    for e, width in enumerate(widths):
-        p = tensors.get(f"pairs.{e}")
-        want = (int(config["num_stages"]), 2, int(config["num_vectors"]), width)
-        if p is None or tuple(p.shape) != want:
-            got = None if p is None else tuple(p.shape)
-            raise SefiInputError(f"{directory / TOKENS_FILE}: pairs.{e} should be {want}, got {got}")
-        pairs.append(p)
+    pairs = schemas.learned_tensors(tensors, config, str(directory / TOKENS_FILE))
     return LearnedSubject(
-        placeholder=str(config["placeholder"]), class_word=str(config["class_word"]),
-        num_stages=int(config["num_stages"]), num_vectors=int(config["num_vectors"]),
-        kind=str(config["kind"]), token_widths=widths,
-        cross_attention_dim=int(config["cross_attention_dim"]),
-        num_train_timesteps=int(config["num_train_timesteps"]), pairs=pairs,
+        placeholder=config["placeholder"], class_word=config["class_word"],
+        num_stages=config["num_stages"], num_vectors=config["num_vectors"],
+        kind=config["kind"], token_widths=config["token_widths"],
+        cross_attention_dim=config["cross_attention_dim"],
+        num_train_timesteps=config["num_train_timesteps"], pairs=pairs,
         module_state=strip_prefix(tensors, "module."), config=config, source=str(directory),
     )
 

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import schemas
 from .errors import SefiInputError
 from .files import PathLike, read_json
 from .text import token_widths
@@ -49,16 +50,31 @@ def detect_kind(model: PathLike) -> str:
     if not index_path.is_file():
         raise SefiInputError(f"{model} holds no model_index.json: expected a diffusers SD1.5 or SDXL folder")
     index = read_json(index_path)
+    text_encoder_2 = index.get("text_encoder_2") if isinstance(index, dict) else None
     required = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
+    if isinstance(text_encoder_2, list) and text_encoder_2 and text_encoder_2[0] is not None:
         kind = "sdxl"
         required += ["text_encoder_2", "tokenizer_2"]
     else:
         kind = "sd15"
+    schemas.model_index(index, str(index_path), required)
     absent = [name for name in required if not (model / name).is_dir()]
     if absent:
         raise SefiInputError(f"{model} lacks the component folder(s) {', '.join(absent)}")
     return kind
+
+
+def load_tokenizers(model: PathLike) -> list:
+    """The CLIP tokenizer(s) of a checked diffusers folder (one for SD1.5, two for SDXL), quickly:
+    placeholders are checked against them before any model is loaded."""
+    from transformers import CLIPTokenizer
+
+    folders = ["tokenizer", "tokenizer_2"] if detect_kind(model) == "sdxl" else ["tokenizer"]
+    try:
+        return [CLIPTokenizer.from_pretrained(model, subfolder=f, local_files_only=True) for f in folders]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SefiInputError(f"cannot load the tokenizer in {model}: {first}") from None
 
 
 def load_components(model: PathLike, *, device: Union[str, torch.device] = "cpu",
@@ -80,28 +96,27 @@ def load_components(model: PathLike, *, device: Union[str, torch.device] = "cpu"
     """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     kind = detect_kind(model)
     model = Path(model)
     index = read_json(model / "model_index.json")
+    tokenizers = load_tokenizers(model)
     common = dict(local_files_only=True, variant=variant)
     try:
         vae_config = AutoencoderKL.load_config(model, subfolder="vae", local_files_only=True)
         vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else dtype
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype, **common)
-        tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=True)]
         common["torch_dtype"] = dtype
         text_encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common)]
         if kind == "sdxl":
-            tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", local_files_only=True))
             text_encoders.append(
                 CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **common)
             )
-        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        scheduler_class = getattr(diffusers, index["scheduler"][1])  # in schemas.SCHEDULERS
         scheduler = scheduler_class.from_pretrained(model, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SefiInputError(f"cannot load the pipeline in {model}: {first}") from None
     for m in [unet, vae] + text_encoders:
@@ -123,4 +138,4 @@ def model_dims(components: Components) -> dict:
     }
 
 
-__all__ = ["Components", "detect_kind", "load_components", "model_dims"]
+__all__ = ["Components", "detect_kind", "load_tokenizers", "load_components", "model_dims"]

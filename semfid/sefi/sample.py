@@ -203,6 +203,11 @@ class SefiSampler:
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
+        if not bool(torch.isfinite(latents).all()):  # never a silently black image
+            from .errors import SefiInputError
+
+            raise SefiInputError(f"sampling seed {seed} produced non-finite latents (an overflow in the "
+                                 f"model at --guidance-scale {guidance_scale:g}?); nothing was written")
         images = self._decode(latents)
         out = []
         for i, prompt in enumerate(prompts):

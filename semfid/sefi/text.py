@@ -15,12 +15,12 @@ SDXL: the penultimate hidden states of both encoders concatenated, [B, 77, 768 +
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import placeholder_pattern
 from .errors import SefiInputError
 
 Tensor = torch.Tensor
@@ -81,13 +81,6 @@ def token_widths(text_encoders: Sequence[torch.nn.Module]) -> List[int]:
     return [int(te.get_input_embeddings().weight.shape[1]) for te in text_encoders]
 
 
-def placeholder_pattern(placeholders: Sequence[str]) -> Optional["re.Pattern"]:
-    """A regex matching any of ``placeholders`` (longest first), or None when there are none."""
-    if not placeholders:
-        return None
-    return re.compile("|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)))
-
-
 def _clean_label(token: str) -> str:
     return token[:-4] if token.endswith("</w>") else token
 
@@ -132,7 +125,8 @@ class PromptEncoder:
         r"""Tokenize ``prompt`` with each tokenizer, reserving ``num_vectors[p]`` slots per placeholder.
 
         Args:
-            prompt (`str`): text; placeholders are matched literally (longest first).
+            prompt (`str`): text; placeholders are matched as whole words (longest first, see
+                :func:`~semfid.sefi.checks.placeholder_pattern`).
             num_vectors (`Mapping[str, int]`): placeholder -> n.
             substitute (`Mapping[str, str]`, *optional*): placeholder -> word; when given, that
                 placeholder's segment holds the word's tokens instead of slots (the reference prompt,

@@ -18,7 +18,9 @@ reference keys under the same queries (:func:`semfid.subject_attention`). Only t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -27,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from .batches import diffusion_target, random_crop
-from .checkpoints import Checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from . import checks, schemas
+from .checkpoints import Checkpoint, latest_checkpoint, pick_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
-from .errors import SefiInputError
+from .errors import SefiDivergedError, SefiInputError
 from .images import load_images
-from .learned import TOKENS_FILE, save_learned
+from .learned import CONFIG_FILE, TOKENS_FILE, save_learned
 from .options import check_option_names
-from .pipeline import Components, detect_kind, load_components, model_dims
+from .pipeline import Components, detect_kind, load_components, load_tokenizers, model_dims
 from .text import PromptEncoder, TextStates, subject_token_indices
 from .tokens import SefiTokens, stage_of
 
@@ -95,6 +98,7 @@ class SefiTrainer:
         with torch.no_grad():
             self.reference = self.encoder.encode([ref_layouts])
         self.step_count = 0
+        self.resumed_from: Optional[int] = None  # the checkpoint's step when resumed
 
     # -- pieces ---------------------------------------------------------------------------------
     @property
@@ -169,16 +173,31 @@ class SefiTrainer:
         return mse, rec.loss.float().mean()
 
     def step(self) -> Tuple[float, float]:
-        """One optimisation step; returns the (mse, subject) loss values."""
+        """One optimisation step; returns the (mse, subject) loss values.
+
+        Raises:
+            SefiDivergedError: the loss, or a token value after the update, is not finite (or a token
+                exceeds :data:`~semfid.sefi.checks.MAX_TOKEN_ABS`); the step is not counted.
+        """
         pixels, time_ids = self.sample_batch()
         self.tokens.train()
         with self.accelerator.autocast():
             mse, subject = self.losses(pixels, time_ids)
             loss = mse + self.config.attn_loss_weight * subject
+        step = self.step_count + 1
+        if not bool(torch.isfinite(loss.detach())):
+            raise SefiDivergedError(f"training diverged at step {step}: the loss is {float(loss.detach())} "
+                                    f"(mse {float(mse.detach())}, subject {float(subject.detach())})")
         self.accelerator.backward(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
+        with torch.no_grad():
+            try:
+                for e, pairs in enumerate(self.token_module.all_pairs()):
+                    schemas.token_values(f"the tokens (encoder {e})", pairs)
+            except SefiInputError as exc:
+                raise SefiDivergedError(f"training diverged at step {step}: {exc}") from None
+        self.step_count = step
         return float(mse.detach()), float(subject.detach())
 
     # -- persistence ----------------------------------------------------------------------------
@@ -193,7 +212,8 @@ class SefiTrainer:
             num_stages=cfg.stages, num_vectors=cfg.num_vectors, mode=cfg.mode,
             prediction_type=str(self.noise_scheduler.config.prediction_type),
             training=dict(dataclasses.asdict(cfg), resolution=self.resolution, lr=cfg.learning_rate,
-                          steps_done=self.step_count, model=self.components.path),
+                          steps_done=self.step_count, resumed_from=self.resumed_from,
+                          model=self.components.path),
             semfid_version=_version(),
         )
 
@@ -207,28 +227,45 @@ class SefiTrainer:
     def save_checkpoint(self, output: PathLike) -> Path:
         """Write a resumable checkpoint and prune old ones."""
         folder = save_checkpoint(output, self.step_count, self.token_module.state_dict(),
-                                 self.optimizer.state_dict(), self.generator.get_state(), _resume_key(self.config))
+                                 self.optimizer.state_dict(), self.generator.get_state(), self.resume_key())
         prune_checkpoints(output, self.config.checkpoints_total_limit)
         return folder
 
-    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Continue from a checkpoint of the same configuration."""
-        want = _resume_key(self.config)
-        if checkpoint.config and checkpoint.config != want:
-            diff = sorted(k for k in want if checkpoint.config.get(k) != want[k])
-            raise SefiInputError(f"the checkpoint was trained with different {', '.join(diff)}; "
-                                 "resume with the same options")
+    def load_checkpoint(self, checkpoint: Checkpoint, where: str = "the checkpoint") -> None:
+        """Continue from a checkpoint of the same configuration (every tensor checked before loading)."""
+        want = self.resume_key()
+        diff = [k for k in want if k in checkpoint.config and checkpoint.config[k] != want[k]]
+        if diff:
+            shown = "; ".join(f"{_flag(k)} {_shown(checkpoint.config[k])} (now {_shown(want[k])})" for k in diff)
+            raise SefiInputError(f"--resume: {where} was trained with other {', '.join(map(_flag, diff))}: {shown}; "
+                                 "a resume cannot change them (give the same options, or a new --output)")
+        schemas.state_matches(self.token_module.state_dict(), checkpoint.module_state, where)
+        schemas.optimizer_matches(checkpoint.optimizer_state, self.optimizer, where)
         self.token_module.load_state_dict(checkpoint.module_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.generator.set_state(checkpoint.generator_state)
-        self.step_count = checkpoint.step
+        self.step_count = self.resumed_from = checkpoint.step
+
+    def resume_key(self) -> dict:
+        """What must not change across a resume: the options that shape the run and the images."""
+        cfg = self.config
+        keep = ("placeholder", "class_word", "initializer", "template", "stages", "num_vectors", "mode",
+                "batch_size", "seed", "resolution", "attn_loss_weight", "weight_decay", "min_crop", "flip",
+                "mixed_precision")
+        key = {k: getattr(cfg, k) for k in keep}
+        digest = hashlib.sha256()
+        for im in self.images:
+            digest.update(f"{im.size}{im.mode}".encode())
+            digest.update(im.tobytes())
+        return dict(key, lr=cfg.learning_rate, images=digest.hexdigest()[:16])
 
 
-def _resume_key(cfg: TrainConfig) -> dict:
-    """Options that must not change across a resume."""
-    keep = ("placeholder", "class_word", "initializer", "template", "stages", "num_vectors", "mode",
-            "batch_size", "seed", "resolution")
-    return {k: getattr(cfg, k) for k in keep}
+def _flag(key: str) -> str:
+    return "--image" if key == "images" else "--" + key.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _version() -> str:
@@ -277,27 +314,31 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
         :class:`TrainResult`.
 
     Raises:
-        SefiInputError: bad input (checked before anything is written).
+        SefiInputError: bad input (checked before anything is written), including a ``--resume`` that
+            would change the run (see :meth:`SefiTrainer.resume_key`) or ``steps`` below the checkpoint's.
+        SefiDivergedError: a non-finite loss or token value; names the step, the checkpoints stay.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     check_option_names(options, TrainConfig, "training")
     config = TrainConfig(**options).validate()
-    output = Path(output)
+    output = checks.writable_folder("--output", output)
+    if resume is None and (any((output / name).exists() for name in (TOKENS_FILE, CONFIG_FILE))
+                           or latest_checkpoint(output) is not None):
+        raise SefiInputError(f"--output {output} already holds a training run; pass --resume to continue it "
+                             "or choose another --output")
     pil_images = load_images(images)
     kind = detect_kind(model)
-    checkpoint = None
+    checks.not_a_word("--placeholder", config.placeholder, load_tokenizers(model))
+    checkpoint, checkpoint_folder = None, None
     if resume is not None:
-        folder = latest_checkpoint(output) if str(resume) == "latest" else Path(resume)
-        if folder is None:
-            raise SefiInputError(f"--resume: {output} holds no checkpoint")
-        checkpoint = load_checkpoint(folder)
-    elif (output / TOKENS_FILE).exists() or latest_checkpoint(output) is not None:
-        raise SefiInputError(f"{output} already holds a training run; pass --resume to continue it or "
-                             "choose another --output")
-    if output.exists() and not output.is_dir():
-        raise SefiInputError(f"--output {output} exists and is not a folder")
+        checkpoint_folder, checkpoint, skipped = pick_checkpoint(output, resume)
+        for line in skipped:
+            print(f"semfid-train: warning: {line}; resuming from {checkpoint_folder.name}", file=sys.stderr)
+        if checkpoint.step > config.steps:
+            raise SefiInputError(f"--steps {config.steps} is below the step of the checkpoint it resumes "
+                                 f"({checkpoint.step}, {checkpoint_folder}); give --steps >= {checkpoint.step}")
 
     config.mixed_precision = _pick_mixed_precision(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -307,15 +348,26 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
                                  dtype=dtype if on_gpu else torch.float32, variant=config.variant)
     if components.kind != kind:
         raise RuntimeError("pipeline kind changed while loading")
+    num_train_timesteps = int(components.scheduler.config.num_train_timesteps)
+    if config.stages > num_train_timesteps:
+        raise SefiInputError(f"--stages {config.stages} exceeds the scheduler's num_train_timesteps "
+                             f"({num_train_timesteps})")
     trainer = SefiTrainer(components, pil_images, config, accelerator)
     try:
         if checkpoint is not None:
-            trainer.load_checkpoint(checkpoint)
+            trainer.load_checkpoint(checkpoint, str(checkpoint_folder))
         result = TrainResult(output)
         bar = tqdm(total=config.steps, initial=trainer.step_count, desc="semfid-train", dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))
         while trainer.step_count < config.steps:
-            mse, subject = trainer.step()
+            try:
+                mse, subject = trainer.step()
+            except SefiDivergedError as exc:
+                bar.close()
+                kept = latest_checkpoint(output)
+                raise SefiDivergedError(f"{exc}; nothing more was written"
+                                        + (f", the newest checkpoint {kept} stays" if kept else "")
+                                        + " (lower --lr?)") from None
             result.mse.append(mse)
             result.subject.append(subject)
             bar.update(1)
