@@ -7,6 +7,13 @@ CUDA extension show up as reasons in ``python -m semfid.info``.
 
 __version__ = "0.1.0"
 
+from ._install_check import install_problem as _install_problem
+
+if _install_problem(__file__):  # a clone in the current folder shadows the installed package (or none is)
+    import warnings as _warnings
+
+    _warnings.warn(_install_problem(__file__), UserWarning, stacklevel=2)
+
 from .backends import available_backends
 from ._inputs import TokenSelection
 from .ops import attention_maps, cross_attention, subject_attention

@@ -55,7 +55,11 @@ def _devices() -> List[str]:
 
 def versions() -> List[str]:
     """semfid, Python, torch and the optional packages; the GPUs; the CUDA extension; the CPU core."""
-    lines = [f"semfid {semfid.__version__}", f"python {platform.python_version()} on {platform.platform()}",
+    from semfid._install_check import install_problem
+
+    problem = install_problem(semfid.__file__)
+    lines = [f"semfid {semfid.__version__}" + (f"  (WARNING: {problem})" if problem else ""),
+             f"python {platform.python_version()} on {platform.platform()}",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     lines += [f"{mod} {_version(mod)}" for mod in ("triton", "diffusers", "transformers", "xformers")]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
@@ -136,6 +140,12 @@ def report() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from semfid._install_check import namespace_problem
+
+    problem = namespace_problem(semfid)
+    if problem:
+        print(f"semfid.info: {problem}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m semfid.info", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, (_, help_text) in TOOLS.items():

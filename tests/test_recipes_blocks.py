@@ -1,13 +1,12 @@
-"""Training-code integration: ragged prompts, accumulating recorders, loud errors, heatmap grids,
-and the README's textual-inversion recipe run as a 3-step loop on the tiny SD1.5 pipeline."""
+"""What the recipes rely on in the blocks: ragged prompts, accumulating recorders, loud errors, heatmap
+grids. (The recipes themselves run in diffusers' real scripts: tests/test_recipes.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from semfid.diffusers import NoCallError, align_tokens, install
+from semfid.diffusers import NoCallError, install
 
 from test_processors import M, TWINS, assert_close, make_call, ref_pair, run, text_width
 
@@ -143,122 +142,3 @@ def test_heatmap_grid_image(tmp_path):
         rec.save_heatmaps(tmp_path / "x.png", labels=["a"], res=8)
     with pytest.raises(IndexError, match="row must lie in"):
         rec.save_heatmaps(tmp_path / "x.png", res=8, row=2)
-
-
-# ------------------------------------------------------------------------------------------------
-# the README's textual-inversion recipe, in a training loop written here
-# ------------------------------------------------------------------------------------------------
-def _textual_inversion(directory, checkpointing: bool):
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline.from_pretrained(directory)
-    tok, te, unet, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.scheduler
-    tok.add_tokens(["<cat-toy>"])
-    te.resize_token_embeddings(len(tok))
-    emb = te.get_input_embeddings().weight
-    with torch.no_grad():
-        emb[tok.convert_tokens_to_ids("<cat-toy>")] = emb[tok("cat", add_special_tokens=False).input_ids[0]]
-    for p in list(unet.parameters()) + list(te.parameters()):
-        p.requires_grad_(p is emb)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    opt = torch.optim.SGD([emb], lr=1.0)
-    templates = ["a photo of a {}", "a cat sitting on a red chair in the park with a {}"]
-
-    def encode(prompts):
-        ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return te(ids)[0]
-
-    ctl = install(unet)                                                                   # recipe
-    losses, grads = [], []
-    for step in range(3):
-        prompts = [templates[(step + i) % 2].format("<cat-toy>") for i in range(2)]
-        ehs = encode(prompts)
-        latents = torch.randn(2, 4, 8, 8)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (2,))
-        noisy = sched.add_noise(latents, noise, t)
-        aligned = align_tokens(tok, prompts, "<cat-toy>", "cat")                          # recipe
-        ref_states = encode(aligned.ref_prompts).detach()                                 # recipe
-        with ctl.subject_loss(ref_states, aligned) as rec:                                # recipe
-            pred = unet(noisy, t, ehs).sample
-        loss = F.mse_loss(pred, noise) + 0.003 * rec.loss.mean()                          # recipe
-        loss.backward()
-        losses.append((loss.detach(), rec.loss.detach()))
-        grads.append(emb.grad.clone())
-        opt.step()
-        opt.zero_grad()
-    assert len({len(r) for r in aligned.tokens}) == 2  # the rows really were ragged
-    return losses, grads
-
-
-def test_textual_inversion_recipe_with_and_without_checkpointing(tmp_path):
-    from semfid.sefi.tiny import build_tiny_pipeline
-
-    directory = build_tiny_pipeline("sd15", tmp_path / "sd15")
-    plain = _textual_inversion(directory, checkpointing=False)
-    ckpt = _textual_inversion(directory, checkpointing=True)
-    for step, ((total, subject), (total_c, subject_c)) in enumerate(zip(plain[0], ckpt[0])):
-        # step 0: the placeholder still has its initializer's embedding, so the target and the
-        # aligned reference prompt encode alike and the maps agree (loss 0 up to rounding)
-        assert float(subject.max()) < 1e-15 if step == 0 else float(subject.min()) > 0
-        assert torch.equal(total, total_c) and torch.equal(subject, subject_c)
-    for g, g_c in zip(plain[1], ckpt[1]):
-        assert g.abs().sum() > 0 and torch.equal(g, g_c)
-
-
-def _dreambooth_sdxl(directory, checkpointing: bool):
-    """DreamBooth-style SDXL loop: identifier dropped in the reference, both tokenizers, grads to to_k."""
-    from diffusers import StableDiffusionXLPipeline
-
-    torch.manual_seed(0)
-    pipe = StableDiffusionXLPipeline.from_pretrained(directory)
-    toks, encs, unet = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], pipe.unet
-    trained = [m.to_k.weight for n, m in unet.named_modules() if n.endswith("attn2")]
-    for p in unet.parameters():
-        p.requires_grad_(any(p is w for w in trained))
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    def encode(prompts):
-        states, pooled = [], None
-        for tok, enc in zip(toks, encs):
-            ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            out = enc(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]
-        return torch.cat(states, dim=-1), pooled
-
-    ctl = install(unet)                                                                   # recipe
-    prompts = ["a photo of sks dog", "a sks dog sitting on a red chair in the park"]
-    with torch.no_grad():
-        ehs, pooled = encode(prompts)
-    latents, losses, grads = torch.randn(2, 4, 8, 8), [], []
-    for step in range(2):
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (2,))
-        added = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-        aligned = align_tokens(toks, prompts, "sks", None)                                # recipe
-        ref_states = encode(aligned.ref_prompts)[0].detach()                              # recipe
-        with ctl.subject_loss(ref_states, aligned) as rec:                                # recipe
-            pred = unet(pipe.scheduler.add_noise(latents, noise, t), t, ehs, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred, noise) + 0.003 * rec.loss.mean()                          # recipe
-        loss.backward()
-        losses.append(rec.loss.detach())
-        grads.append(torch.cat([w.grad.flatten() for w in trained]))
-        for w in trained:
-            w.grad = None
-    return losses, grads
-
-
-def test_dreambooth_sdxl_recipe_with_and_without_checkpointing(tmp_path):
-    from semfid.sefi.tiny import build_tiny_pipeline
-
-    directory = build_tiny_pipeline("sdxl", tmp_path / "sdxl")
-    plain = _dreambooth_sdxl(directory, checkpointing=False)
-    ckpt = _dreambooth_sdxl(directory, checkpointing=True)
-    for a, b in zip(plain[0], ckpt[0]):
-        assert float(a.min()) > 0 and torch.equal(a, b)
-    for g, g_c in zip(plain[1], ckpt[1]):
-        assert g.abs().sum() > 0 and torch.equal(g, g_c)
