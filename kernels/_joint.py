@@ -26,6 +26,8 @@ from ._utils import interpreting, mma
 
 #: Largest head dim (q/k) and value dim of the key-blocked kernels: one register tile each.
 JOINT_MAX_HEAD_DIM = 128
+#: Columns of the map gradient scattered per one-hot product in the backward (BLOCK_SC).
+SCATTER_CHUNK = 32
 
 
 @triton.jit
@@ -107,10 +109,26 @@ def carry_columns(acc, p, tok, s_mask, offs_n, hit, SPLIT_DOT: tl.constexpr):
 
 
 @triton.jit
-def scatter_columns(dp, g, tok, s_mask, offs_n, hit, SPLIT_DOT: tl.constexpr):
-    """dp + scatter(G) onto the key block's columns (duplicates add), only when ``hit``."""
+def scatter_columns(dp, g_ptr, g_rows, row_mask, stride_gm, stride_gs, tok_ptr, stride_toks, NUM_SEL, offs_n,
+                    hit, SEG_START, SEG_STOP, N_REF, KIND: tl.constexpr, BLOCK_SC: tl.constexpr,
+                    SPLIT_DOT: tl.constexpr):
+    """dp + scatter(G) onto the key block's columns (duplicates add), only when ``hit``.
+
+    G [rows, S] is read from memory (``g_ptr``, rows ``g_rows``) in chunks of BLOCK_SC columns
+    with their token positions (``tok_ptr``): no [BLOCK_M, S] tile lives across the key walk
+    (at S = 77 that tile and its one-hot matrix made the backward spill). KIND: 0 the positions
+    as given, 1 reference tokens landing on ``k``, 2 those landing on ``k_ref``."""
     if hit:
-        dp += exact_dot(g, one_hot(tok, s_mask, offs_n, False), SPLIT_DOT)
+        for s0 in range(0, NUM_SEL, BLOCK_SC):
+            offs_s = s0 + tl.arange(0, BLOCK_SC)
+            s_mask = offs_s < NUM_SEL
+            tok = tl.load(tok_ptr + offs_s * stride_toks, mask=s_mask, other=-1).to(tl.int32)
+            if KIND != 0:
+                rt_k, rt_r = ref_token_positions(tok, s_mask, SEG_START, SEG_STOP, N_REF)
+                tok = rt_k if KIND == 1 else rt_r
+            g = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_s[None, :] * stride_gs,
+                        mask=row_mask[:, None] & s_mask[None, :], other=0.0)
+            dp += exact_dot(g, one_hot(tok, s_mask, offs_n, False), SPLIT_DOT)
     return dp
 
 
@@ -146,7 +164,8 @@ def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
 
     fp16/bf16: 64 x 64 with 4 warps (flash attention's forward tile for head dims <= 128); the
     backward and launches carrying > 32 selected columns (S = 77: three [BLOCK_M, 128] fp32
-    column accumulators with a reference) take 32-row tiles. fp32 (exact-fp32 dots on FMA units,
+    column accumulators with a reference) take 32-row tiles, and a backward with > 32 columns
+32-key blocks (its one-hot scatter matrices are [BLOCK_S, BLOCK_N]). fp32 (exact-fp32 dots on FMA units,
     operands in registers) 32 x 32. ``python -m semfid.info --compile-check`` compiles each."""
     if interpreting():
         return INTERPRETER_TILES
@@ -155,7 +174,8 @@ def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
     block_m = 64
     if backward or triton.next_power_of_2(max(1, num_selected)) > 32:
         block_m = 32
-    block_n = 64
+    wide = triton.next_power_of_2(max(1, num_selected)) > 32
+    block_n = 32 if (backward and wide) else 64
     warps = 8 if (head_dim > 64 and (backward or ref)) else 4
     return block_m, block_n, warps
 

@@ -3,7 +3,8 @@
 Lives beside the kernels it verifies (``python -m semfid.kernels.compile_check``; ``python -m
 semfid.info --compile-check`` calls it) and imports only torch and triton. For the xattn forward and
 backward kernels, the one-pass subject kernels (with S in {1, 16, 77} selected tokens) and the
-split-sum kernel, every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
+split-sum kernel (and the key-blocked kernels of joint key sets, :mod:`.compile_joint`: a Flux
+layer's layout, head dims 64/72/128, S in {4, 77}, every op mode, all gated), every SD-relevant head dim (40, 64, 80, 160 and 256), dtype
 (fp16, bf16, fp32), mode (forward: target pass / reference maps-only pass / per-head maps / plain;
 backward: output+maps / maps-only / output-only) and every autotune config the autotuner may pick
 for 77 keys at the SD query counts (64 .. 4096), this builds a cubin with
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .compile_joint import JOINT_HEAD_DIMS, JOINT_MODES, joint_jobs  # noqa: E402
 
 SD_HEAD_DIMS = (40, 64, 80, 160, 256)  # SD1.5: 40/80/160; SDXL: 64; 256 = the kernels' limit
 NUM_KEYS = 77  # CLIP text tokens
@@ -72,7 +75,7 @@ SUBJECT_BWD_MODES = {
 
 #: Modes whose fp16/bf16 spills fail the check: the one-pass subject op with head-mean maps, the
 #: path SeFi-IDE training takes on every cross-attention layer. Other modes' spills are reported.
-GATED_MODES = ("subj_mean", "subj_mapr")
+GATED_MODES = ("subj_mean", "subj_mapr") + JOINT_MODES
 
 _TYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 _SIG_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32",
@@ -199,7 +202,8 @@ def _sum_job(arch: int, dtype: str):
             C._sum_splits_kernel, args, dict(BLOCK=C._SUM_BLOCK), 4, 1, arch, 0)
 
 
-def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str], quick: bool):
+def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str], quick: bool,
+          joint_head_dims: Sequence[int] = JOINT_HEAD_DIMS):
     """Yield (label, kernel, args, constexprs, num_warps, num_stages, arch, head dim) per config."""
     import torch
 
@@ -264,6 +268,7 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
                                f"stages={st}", xattn_bwd._xattn_bwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
                 yield from _subject_jobs(arch, dtype, d, quick)
+            yield from joint_jobs(arch, dtype, joint_head_dims, quick)
 
 
 def _tool(name: str) -> Optional[str]:
@@ -352,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     only = re.compile(args.only) if args.only else None
-    jobs = [j for j in _jobs(args.arch, args.head_dims, args.dtypes, args.quick)
+    jobs = [j for j in _jobs(args.arch, args.head_dims, args.dtypes, args.quick, args.joint_head_dims)
             if only is None or only.search(j[0])]
     # One compile per distinct specialisation; its result is reported under every label that has it.
     first: Dict[tuple, int] = {}
@@ -427,6 +432,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m semfid.kernels.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=ints, default=[80, 90], help="compute capabilities (default 80,90)")
     p.add_argument("--head-dims", type=ints, default=list(SD_HEAD_DIMS))
+    p.add_argument("--joint-head-dims", type=ints, default=list(JOINT_HEAD_DIMS),
+                   help="head dims of the key-blocked (joint key set) kernels (default 64,72,128)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
     p.add_argument("--quick", action="store_true", help="fp16-relevant modes only (target / out+maps)")
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -453,6 +460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     cmd = [sys.executable, "-m", "semfid.kernels.compile_check", "--in-process",
            "--arch", ",".join(map(str, args.arch)), "--head-dims", ",".join(map(str, args.head_dims)),
+           "--joint-head-dims", ",".join(map(str, args.joint_head_dims)),
            "--dtypes", ",".join(args.dtypes), "--jobs", str(args.jobs), "--only", args.only] + (["--quick"] if args.quick else []) \
         + (["--strict"] if args.strict else [])
     start = time.monotonic()

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, device_guard, select_block
-from ._joint import (any_token_in, block_logits, dim_block, key_blocks, ref_token_positions, scatter_columns,
+from ._joint import (SCATTER_CHUNK, any_token_in, block_logits, dim_block, key_blocks, ref_token_positions,
+                     scatter_columns,
                      strides_or_zeros, tiles)
 from ._utils import dot_precision, dot_upcast, interpreting, mma
 from .joint_bwd_dkdv import _joint_bwd_dkdv_kernel
@@ -29,10 +30,11 @@ def _ds_block(s, lse, delta, dp):
 
 
 @triton.jit
-def _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, lo, hi, k_ptr, v_ptr, bias_ptr,
+def _dq_keys(q, do, lse, delta, gt_ptr, lse_r, delta_r, gr_ptr, dq, lo, hi, k_ptr, v_ptr, bias_ptr,
              stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, tok, rt_k, s_mask, tile_in,
-             offs_d, d_mask, offs_dv, dv_mask, sm_scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OUTSIDE_REF: tl.constexpr,
+             offs_d, d_mask, offs_dv, dv_mask, sm_scale, g_rows, in_map, stride_gm, stride_gs,
+             tok_ptr, stride_toks, rtok_ptr, stride_rtoks, NUM_SEL, SEG_START, SEG_STOP, N_REF,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SC: tl.constexpr, OUTSIDE_REF: tl.constexpr,
              HAS_DO: tl.constexpr, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr,
              SPLIT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """dq += dS·k over the keys [lo, hi); OUTSIDE_REF keys also carry the reference's dS_r."""
@@ -47,12 +49,15 @@ def _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, lo, hi, k_ptr, v_p
                         mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
             dp = mma(do, tl.trans(v), dp, DOT_PRECISION, DOT_UPCAST)
         if HAS_G:
-            dp = scatter_columns(dp, g_t, tok, s_mask, offs_n,
-                                 any_token_in(tok, s_mask, start_n, start_n + BLOCK_N) & tile_in, SPLIT_DOT)
+            dp = scatter_columns(dp, gt_ptr, g_rows, in_map, stride_gm, stride_gs, tok_ptr, stride_toks, NUM_SEL,
+                                 offs_n, any_token_in(tok, s_mask, start_n, start_n + BLOCK_N) & tile_in,
+                                 SEG_START, SEG_STOP, N_REF, 0, BLOCK_SC, SPLIT_DOT)
         ds, _ = _ds_block(s, lse, delta, dp)
         if OUTSIDE_REF:
-            dp_r = scatter_columns(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), g_r, rt_k, s_mask, offs_n,
-                                   any_token_in(rt_k, s_mask, start_n, start_n + BLOCK_N) & tile_in, SPLIT_DOT)
+            dp_r = scatter_columns(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), gr_ptr, g_rows, in_map,
+                                   stride_gm, stride_gs, rtok_ptr, stride_rtoks, NUM_SEL, offs_n,
+                                   any_token_in(rt_k, s_mask, start_n, start_n + BLOCK_N) & tile_in,
+                                   SEG_START, SEG_STOP, N_REF, 1, BLOCK_SC, SPLIT_DOT)
             ds_r, _ = _ds_block(s, lse_r, delta_r, dp_r)
             ds += ds_r
         dq = mma(ds, k, dq, DOT_PRECISION, DOT_UPCAST)
@@ -75,7 +80,7 @@ def _joint_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_KV, N_REF, NUM_SEL, MAP_START, MAP_STOP, SEG_START, SEG_STOP, sm_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr,
     HAS_DO: tl.constexpr, HAS_G: tl.constexpr, REF_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RBIAS: tl.constexpr, SPLIT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -112,24 +117,22 @@ def _joint_bwd_dq_kernel(
     lse_off = off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem
     lse = tl.load(LSE + lse_off, mask=m_mask, other=float("inf"))
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
-    g_off = (off_b * stride_gb + off_h * stride_gh + (offs_m - MAP_START)[:, None] * stride_gm
-             + offs_s[None, :] * stride_gs)
-    map_mask = in_map[:, None] & s_mask[None, :]
-    g_t = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-    tok = tl.full([BLOCK_S], -1, tl.int64)
+    gt_ptr = GT + off_b * stride_gb + off_h * stride_gh
+    gr_ptr = GR + off_b * stride_gb + off_h * stride_gh
+    g_rows = offs_m - MAP_START
+    tok_ptr = TOK + off_b * stride_tokb
+    rtok_ptr = RTOK + off_b * stride_rtokb
+    tok = tl.full([BLOCK_S], -1, tl.int32)
     if HAS_G:
-        g_t = tl.load(GT + g_off, mask=map_mask, other=0.0)
-        tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=-1).to(tl.int64)
+        tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=-1).to(tl.int32)
     lse_r = tl.full([BLOCK_M], float("inf"), tl.float32)
     delta_r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    g_r = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-    rt_k = tl.full([BLOCK_S], -1, tl.int64)
-    rt_r = tl.full([BLOCK_S], -1, tl.int64)
+    rt_k = tl.full([BLOCK_S], -1, tl.int32)
+    rt_r = tl.full([BLOCK_S], -1, tl.int32)
     if REF_GRAD:
         lse_r = tl.load(LSER + lse_off, mask=m_mask, other=float("inf"))
         delta_r = tl.load(DELTAR + lse_off, mask=m_mask, other=0.0)
-        g_r = tl.load(GR + g_off, mask=map_mask, other=0.0)
-        rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask, other=-1).to(tl.int64)
+        rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask, other=-1).to(tl.int32)
         rt_k, rt_r = ref_token_positions(rtok, s_mask, SEG_START, SEG_STOP, N_REF)
 
     k_ptr = K + off_b * stride_kb + off_h * stride_kh
@@ -137,17 +140,23 @@ def _joint_bwd_dq_kernel(
     bias_ptr = BIAS + off_b * stride_biasb + off_h * stride_biash
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if REF_GRAD:  # left of the segment, the segment, right of it
-        dq = _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, 0, SEG_START, k_ptr, v_ptr, bias_ptr,
+        dq = _dq_keys(q, do, lse, delta, gt_ptr, lse_r, delta_r, gr_ptr, dq, 0, SEG_START, k_ptr, v_ptr, bias_ptr,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, tok, rt_k, s_mask, tile_in,
-                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, BLOCK_M, BLOCK_N, True, HAS_DO, HAS_G,
+                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, g_rows, in_map, stride_gm, stride_gs, tok_ptr,
+                      stride_toks, rtok_ptr, stride_rtoks, NUM_SEL, SEG_START, SEG_STOP, N_REF, BLOCK_M, BLOCK_N,
+                      BLOCK_SC, True, HAS_DO, HAS_G,
                       HAS_BIAS, SPLIT_DOT, DOT_PRECISION, DOT_UPCAST)
-        dq = _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, SEG_START, SEG_STOP, k_ptr, v_ptr,
+        dq = _dq_keys(q, do, lse, delta, gt_ptr, lse_r, delta_r, gr_ptr, dq, SEG_START, SEG_STOP, k_ptr, v_ptr,
                       bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, tok, rt_k, s_mask,
-                      tile_in, offs_d, d_mask, offs_dv, dv_mask, sm_scale, BLOCK_M, BLOCK_N, False, HAS_DO,
+                      tile_in, offs_d, d_mask, offs_dv, dv_mask, sm_scale, g_rows, in_map, stride_gm, stride_gs, tok_ptr,
+                      stride_toks, rtok_ptr, stride_rtoks, NUM_SEL, SEG_START, SEG_STOP, N_REF, BLOCK_M, BLOCK_N,
+                      BLOCK_SC, False, HAS_DO,
                       HAS_G, HAS_BIAS, SPLIT_DOT, DOT_PRECISION, DOT_UPCAST)
-        dq = _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, SEG_STOP, N_KV, k_ptr, v_ptr, bias_ptr,
+        dq = _dq_keys(q, do, lse, delta, gt_ptr, lse_r, delta_r, gr_ptr, dq, SEG_STOP, N_KV, k_ptr, v_ptr, bias_ptr,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, tok, rt_k, s_mask, tile_in,
-                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, BLOCK_M, BLOCK_N, True, HAS_DO, HAS_G,
+                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, g_rows, in_map, stride_gm, stride_gs, tok_ptr,
+                      stride_toks, rtok_ptr, stride_rtoks, NUM_SEL, SEG_START, SEG_STOP, N_REF, BLOCK_M, BLOCK_N,
+                      BLOCK_SC, True, HAS_DO, HAS_G,
                       HAS_BIAS, SPLIT_DOT, DOT_PRECISION, DOT_UPCAST)
         # The reference's own keys, for tiles holding map rows only.
         kr_ptr = KR + off_b * stride_krb + off_h * stride_krh
@@ -156,14 +165,18 @@ def _joint_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             s, kr = block_logits(q, kr_ptr, stride_krn, stride_krd, rbias_ptr, stride_rbiasn, offs_n,
                                  offs_n < N_REF, offs_d, d_mask, sm_scale, HAS_RBIAS, DOT_PRECISION, DOT_UPCAST)
-            dp_r = scatter_columns(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), g_r, rt_r, s_mask, offs_n,
-                                   any_token_in(rt_r, s_mask, start_n, start_n + BLOCK_N), SPLIT_DOT)
+            dp_r = scatter_columns(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), gr_ptr, g_rows, in_map,
+                                   stride_gm, stride_gs, rtok_ptr, stride_rtoks, NUM_SEL, offs_n,
+                                   any_token_in(rt_r, s_mask, start_n, start_n + BLOCK_N),
+                                   SEG_START, SEG_STOP, N_REF, 2, BLOCK_SC, SPLIT_DOT)
             ds_r, _ = _ds_block(s, lse_r, delta_r, dp_r)
             dq = mma(ds_r, kr, dq, DOT_PRECISION, DOT_UPCAST)
     else:
-        dq = _dq_keys(q, do, lse, delta, g_t, lse_r, delta_r, g_r, dq, 0, N_KV, k_ptr, v_ptr, bias_ptr,
+        dq = _dq_keys(q, do, lse, delta, gt_ptr, lse_r, delta_r, gr_ptr, dq, 0, N_KV, k_ptr, v_ptr, bias_ptr,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_biasn, tok, rt_k, s_mask, tile_in,
-                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, BLOCK_M, BLOCK_N, False, HAS_DO, HAS_G,
+                      offs_d, d_mask, offs_dv, dv_mask, sm_scale, g_rows, in_map, stride_gm, stride_gs, tok_ptr,
+                      stride_toks, rtok_ptr, stride_rtoks, NUM_SEL, SEG_START, SEG_STOP, N_REF, BLOCK_M, BLOCK_N,
+                      BLOCK_SC, False, HAS_DO, HAS_G,
                       HAS_BIAS, SPLIT_DOT, DOT_PRECISION, DOT_UPCAST)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -229,8 +242,8 @@ def launches(q, k, v, bias, tokens, scale, map_range, lse, out, dout, dmaps, dq,
     ), dict(common, HAS_DO=has_do, HAS_DMAPS=has_dmaps, HAS_DLOSS=has_dloss, HAS_REF=has_ref,
             MEAN_DIFF=bool(mean_heads and has_dloss), REF_GRAD=ref_grad, HAS_W=weights is not None,
             HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), warps)
-    flags = dict(common, BLOCK_N=block_n, HAS_DO=has_do, HAS_G=has_g, REF_GRAD=ref_grad,
-                 SPLIT_DOT=split)
+    flags = dict(common, BLOCK_N=block_n, BLOCK_SC=min(select_block(S), SCATTER_CHUNK), HAS_DO=has_do,
+                 HAS_G=has_g, REF_GRAD=ref_grad, SPLIT_DOT=split)
     dq_launch = (_joint_bwd_dq_kernel, row_grid, (
         q, k, v if has_do else q, kr, bias if bias is not None else absent,
         ref_bias if ref_bias is not None else absent, tok, rtok, lse, lse_r, delta, delta_r,

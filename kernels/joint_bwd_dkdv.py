@@ -26,7 +26,7 @@ def _joint_bwd_dkdv_kernel(
     H, N_KEYS, CLS_START, CLS_STOP, N_REF, NUM_SEL, MAP_START, MAP_STOP, SEG_START, SEG_STOP,
     ROW_START, ROW_STOP, sm_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr,
     HAS_DO: tl.constexpr, HAS_G: tl.constexpr, REF_GRAD: tl.constexpr, IS_REF: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -79,16 +79,25 @@ def _joint_bwd_dkdv_kernel(
     if HAS_DO:
         v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn
                     + offs_dv[None, :] * stride_vd, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
-    tok = tl.full([BLOCK_S], -1, tl.int64)
-    rt_k = tl.full([BLOCK_S], -1, tl.int64)
+    tok = tl.full([BLOCK_S], -1, tl.int32)
+    rt_k = tl.full([BLOCK_S], -1, tl.int32)
     if IS_REF or REF_GRAD:
-        rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask, other=-1).to(tl.int64)
+        rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask, other=-1).to(tl.int32)
         rt_k, rt_r = ref_token_positions(rtok, s_mask, SEG_START, SEG_STOP, N_REF)
     if IS_REF:
         tok = rt_r
     elif HAS_G:
-        tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=-1).to(tl.int64)
+        tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=-1).to(tl.int32)
     blk_hit = any_token_in(tok, s_mask, start_n, start_n + BLOCK_N)
+    gt_ptr = GT + off_b * stride_gb + off_h * stride_gh
+    gr_ptr = GR + off_b * stride_gb + off_h * stride_gh
+    rtok_ptr = RTOK + off_b * stride_rtokb
+    if IS_REF:  # chunks of the scatter read the reference tokens (KIND 2 maps them to k_ref rows)
+        tok_ptr = rtok_ptr
+        stride_tok = stride_rtoks
+    else:
+        tok_ptr = TOK + off_b * stride_tokb
+        stride_tok = stride_toks
     ref_hit = any_token_in(rt_k, s_mask, start_n, start_n + BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -110,21 +119,18 @@ def _joint_bwd_dkdv_kernel(
             dp = mma(do, tl.trans(v), dp, DOT_PRECISION, DOT_UPCAST)
             dv = mma(tl.trans(p), do, dv, DOT_PRECISION, DOT_UPCAST)
         in_map = m_mask & (offs_m >= MAP_START) & (offs_m < MAP_STOP)
-        g_off = (off_b * stride_gb + off_h * stride_gh + (offs_m - MAP_START)[:, None] * stride_gm
-                 + offs_s[None, :] * stride_gs)
-        map_mask = in_map[:, None] & s_mask[None, :]
         if HAS_G:
-            if blk_hit & rows_hit:
-                dp = scatter_columns(dp, tl.load(GT + g_off, mask=map_mask, other=0.0), tok, s_mask, offs_n,
-                                     blk_hit, SPLIT_DOT)
+            dp = scatter_columns(dp, gt_ptr, offs_m - MAP_START, in_map, stride_gm, stride_gs, tok_ptr,
+                                 stride_tok, NUM_SEL, offs_n, blk_hit & rows_hit, SEG_START, SEG_STOP, N_REF,
+                                 2 if IS_REF else 0, BLOCK_SC, SPLIT_DOT)
         ds = p * (dp - tl.load(DELTA + lse_off, mask=m_mask, other=0.0)[:, None])
         if REF_GRAD and not IS_REF:
             if outside & rows_hit:  # outside keys also serve the reference (split lse)
                 lse_r = tl.load(LSER + lse_off, mask=m_mask, other=float("inf"))
                 p_r = tl.math.exp2((s - lse_r[:, None]) * LOG2E)
-                dp_r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                dp_r = scatter_columns(dp_r, tl.load(GR + g_off, mask=map_mask, other=0.0), rt_k, s_mask,
-                                       offs_n, ref_hit, SPLIT_DOT)
+                dp_r = scatter_columns(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), gr_ptr, offs_m - MAP_START,
+                                       in_map, stride_gm, stride_gs, rtok_ptr, stride_rtoks, NUM_SEL, offs_n,
+                                       ref_hit, SEG_START, SEG_STOP, N_REF, 1, BLOCK_SC, SPLIT_DOT)
                 ds += p_r * (dp_r - tl.load(DELTAR + lse_off, mask=m_mask, other=0.0)[:, None])
         dk = mma(tl.trans(ds), q, dk, DOT_PRECISION, DOT_UPCAST)
 
