@@ -11,8 +11,11 @@ The full battery (GPUs) covers, for every head dim the backend supports: N in {1
 M in {1, 77}, S in {1, 7, 77}, head_reduce mean/none, -inf and -10000 padding including fully
 masked rows, fp16 and bf16, diffusers' transposed q/k/v views, cross_attention (with and without
 maps), attention_maps (the maps-only backward, also at 4096 queries) and subject_attention with
-the reference detached and not. The quick battery (the Triton interpreter, CPU tests) keeps the
-same structure at <= 17 queries and two head dims.
+the reference detached and not; and joint key sets (:func:`joint_cases`, head dims 64 / 72 / 128):
+Flux's [text, image] and SD3's [image, text] layouts at 4096 image tokens (maps over the image
+queries, the reference replacing the text segment with a text of another length) and 300-key
+cross-attention, which Triton runs on its key-blocked kernels. The quick battery (the Triton
+interpreter, CPU tests) keeps the same structure at <= 40 queries and two head dims.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from semfid.testing import assert_close_rule, attention_ref, subject_ref
 Tensor = torch.Tensor
 DEFAULT_HEAD_DIMS = (40, 64, 80, 160)
 HEAD_DIMS = {"triton": DEFAULT_HEAD_DIMS, "cuda": (40, 64, 80, 128, 160)}
+JOINT_HEAD_DIMS = (64, 72, 128)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -48,12 +52,47 @@ class Case:
     detach: bool = True
     B: int = 2
     H: int = 3
+    #: Joint key set (diffusion transformers): ``text`` of the N = M tokens are text, first
+    #: (Flux, ``text_first``) or last (SD3); maps over the image queries and the text columns, the
+    #: reference replacing the text keys (with text + 5 keys). 0: UNet-style cross-attention.
+    text: int = 0
+    text_first: bool = False
 
     @property
     def id(self) -> str:
         extra = ("-detach" if self.detach else "-grad_ref") if self.op == "subject" else ""
+        joint = f"-joint{'TI' if self.text_first else 'IT'}{self.text}" if self.text else ""
         return (f"{self.op}-D{self.D}-N{self.N}-M{self.M}-S{self.S}-{self.head_reduce}-{self.bias}-"
-                f"{self.dtype}{'-diffusers' if self.transposed else ''}{extra}")
+                f"{self.dtype}{'-diffusers' if self.transposed else ''}{extra}{joint}")
+
+    def text_keys(self) -> Tuple[int, int]:
+        return (0, self.text) if self.text_first else (self.M - self.text, self.M)
+
+    def image_queries(self) -> Tuple[int, int]:
+        return (self.text, self.N) if self.text_first else (0, self.N - self.text)
+
+
+def joint_cases(quick: bool) -> List[Case]:
+    """Joint key sets and long keys (the key-blocked kernels of Triton): Flux's [text, image] and
+    SD3's [image, text] layouts at 1024 px (4096 image tokens), PixArt-like 300 keys; head dims
+    of SD3 / PixArt-Σ / Flux."""
+    if quick:
+        return [
+            Case("subject", 72, 40, 40, 3, "mean", "neg_inf", "float16", True, detach=False, text=9,
+                 text_first=True, H=2),
+            Case("xattn", 64, 30, 270, 2, "none", "dead", "bfloat16", True, H=2),
+        ]
+    out: List[Case] = []
+    for D in JOINT_HEAD_DIMS:
+        out += [
+            Case("xattn", D, 4608, 4608, 4, "mean", "none", "float16", True, text=512, text_first=True),
+            Case("maps", D, 4429, 4429, 3, "none", "neg_inf", "bfloat16", True, text=333),
+            Case("subject", D, 4608, 4608, 4, "mean", "neg_inf", "bfloat16", True, text=512, text_first=True),
+            Case("subject", D, 1100, 1100, 77, "none", "neg_10000", "float16", True, detach=False, text=300),
+            Case("xattn", D, 130, 300, 7, "none", "dead", "float16", True),
+            Case("subject", D, 130, 300, 7, "mean", "dead_10000", "float16", True, detach=False),
+        ]
+    return out
 
 
 def cases(backend: str, quick: bool) -> List[Case]:
@@ -68,7 +107,7 @@ def cases(backend: str, quick: bool) -> List[Case]:
                 Case("subject", D, 17, 7, 3, "none", "neg_10000", "float16", True, detach=False),
                 Case("subject", D, 9, 7, 2, "mean", "dead_10000", "bfloat16", False),
             ]
-        return out
+        return out + joint_cases(quick)
     for D in dims:
         out += [
             Case("xattn", D, 130, 77, 7, "mean", "dead", "float16", True),
@@ -80,7 +119,7 @@ def cases(backend: str, quick: bool) -> List[Case]:
             Case("subject", D, 130, 77, 7, "mean", "neg_inf", "float16", True, detach=False),
             Case("subject", D, 1, 1, 1, "mean", "dead_10000", "bfloat16", False, detach=False),
         ]
-    return out
+    return out + joint_cases(quick)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -127,8 +166,7 @@ def _call(case: Case, ins: Sequence[Tensor], kw: dict, backend: Optional[str], u
             return (semfid.attention_maps(q, k, backend=backend, **kw),)
         got = semfid.cross_attention(q, k, ins[2], backend=backend, **kw)
         return got if isinstance(got, tuple) else (got,)
-    ref = attention_ref(q, k, ins[2] if case.op == "xattn" else torch.zeros_like(k),
-                        upcast=upcast, **kw)
+    ref = attention_ref(q, k, ins[2] if case.op == "xattn" else None, upcast=upcast, **kw)
     ref = ref if isinstance(ref, tuple) else (ref,)
     return ref[1:] if case.op == "maps" else ref
 
@@ -147,13 +185,18 @@ def _inputs(case: Case, device) -> Tuple[List[Tensor], dict, torch.Generator]:
     k = _tensor(g, case, case.M, case.D, device)
     ins = [q, k]
     kw: Dict[str, object] = dict(attn_bias=_bias(g, case, case.M, device), head_reduce=case.head_reduce)
-    sel = torch.randint(0, case.M, (case.B, max(case.S, 1)), generator=g).to(device)
+    t0, t1 = case.text_keys() if case.text else (0, case.M)
+    sel = torch.randint(t0, t1, (case.B, max(case.S, 1)), generator=g).to(device)
+    if case.text:
+        kw["map_queries"] = case.image_queries()
     if case.op == "subject":
-        M_ref = case.M + 1
+        M_ref = (t1 - t0) + (5 if case.text else 1)
         ins += [_tensor(g, case, case.M, case.D, device), _tensor(g, case, M_ref, case.D, device)]
-        ref_sel = torch.randint(0, M_ref, sel.shape, generator=g).to(device)
+        ref_sel = torch.randint(t0, t0 + M_ref, sel.shape, generator=g).to(device)
         kw.update(tokens=sel, ref_tokens=ref_sel, ref_attn_bias=_bias(g, case, M_ref, device),
                   detach_reference=case.detach)
+        if case.text:
+            kw["ref_segment"] = (t0, t1)
     else:
         if case.op == "xattn":
             ins.append(_tensor(g, case, case.M, case.D, device))
