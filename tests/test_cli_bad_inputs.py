@@ -505,3 +505,19 @@ def test_killed_during_checkpoint_write_resumes_bit_identical(env, capsys):
         torch.set_num_threads(threads)
     print(f"kill-and-resume: {len(KILL_POINTS)} trials, {identical} identical finals")
     assert identical == len(KILL_POINTS)
+
+
+def test_sampling_refuses_non_finite_latents(env):
+    """The last guard of semfid-generate: latents that overflowed are an error, never a black image."""
+    from semfid.sefi.errors import SefiInputError
+    from semfid.sefi.pipeline import load_components
+    from semfid.sefi.sample import SefiSampler
+
+    subject = load_learned(env["run"])
+    sampler = SefiSampler(load_components(env["sd15"]), [subject])
+    try:  # pairs that bypass the reader's checks (the API's override)
+        huge = {subject.placeholder: [torch.full_like(p, 3e38) for p in subject.pairs]}
+        with pytest.raises(SefiInputError, match="non-finite latents"):
+            sampler.sample(["a photo of <v*>"], 0, steps=2, resolution=int(RES), pairs=huge, progress=False)
+    finally:
+        sampler.close()
