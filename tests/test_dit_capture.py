@@ -113,3 +113,20 @@ def test_sd3_refuses_processors_it_cannot_reproduce():
     model.set_attn_processor({**dict(model.attn_processors), key: Custom()})
     with pytest.raises(ValueError, match="cannot stand in for.*Custom.*JointAttnProcessor2_0"):
         install(model)
+
+
+def test_semfid_losses_work_on_dit_maps():
+    from semfid.losses import balanced_l1_loss, mask_mse_loss, max_attention_loss
+
+    model = twin("flux")
+    kw = make_call("flux", batch=1, text=5, h=4, w=4)
+    ctl = install(model, layers=lambda n: n.endswith((".0.attn", ".1.attn")))  # double and single
+    with ctl.capture([1, 2]) as rec:
+        model(**kw)
+    masks = torch.rand(1, 2, 8, 8)
+    losses = [mask_mse_loss(rec, masks), balanced_l1_loss(rec, masks), max_attention_loss(rec, [0], res=4)]
+    sum(loss.sum() for loss in losses).backward()
+    assert all(loss.shape == (1,) and torch.isfinite(loss).all() for loss in losses)
+    for block in (model.transformer_blocks[0], model.single_transformer_blocks[1]):
+        assert block.attn.to_q.weight.grad.abs().sum() > 0
+    ctl.uninstall()
