@@ -61,6 +61,7 @@ class Row:
     detail: str
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
+    status: str = ""  # "n/a" when this environment cannot run the variant; else pass / FAIL from ok
 
 
 def _fixtures(work: Path) -> Dict[str, Path]:
@@ -102,7 +103,12 @@ def _prior(fx: Dict[str, Path]) -> List[str]:
     return ["--with_prior_preservation", "--class_data_dir", str(fx["class"]), "--num_class_images", "2"]
 
 
-def _run(python: str, script: Path, args: Sequence[str], out: Path, name: str) -> Run:
+def _run(python: str, script: Path, args: Sequence[str], out: Path, name: str, reuse: bool = False) -> Run:
+    record = out.parent / f"{name}.json"
+    if reuse and record.exists():
+        saved = json.loads(record.read_text())
+        if saved["argv"] == [str(script), *args]:
+            return Run(name, saved["rc"], out, saved["losses"], saved["log"], saved["seconds"])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
@@ -110,7 +116,10 @@ def _run(python: str, script: Path, args: Sequence[str], out: Path, name: str) -
                           capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     losses = [float(m) for m in _LOSS_LINE.findall(log)]
-    return Run(name, proc.returncode, out, losses, log, time.perf_counter() - start)
+    result = Run(name, proc.returncode, out, losses, log, time.perf_counter() - start)
+    record.write_text(json.dumps({"argv": [str(script), *args], "rc": result.rc, "losses": losses,
+                                  "log": log[-20000:], "seconds": result.seconds}))
+    return result
 
 
 def _weights(run: Run) -> Dict[str, "object"]:
@@ -138,7 +147,7 @@ def _changed(on: Run, off: Run, kind: str) -> str:
     import torch
 
     w_on, w_off = _weights(on), _weights(off)
-    keys = [k for k in w_on if kind == "textual-inversion" or re.search(r"\.to_[kv]\.lora_[AB]", k)]
+    keys = [k for k in w_on if kind == "textual-inversion" or re.search(r"\.to_[kv]\.lora[._](A|B|down|up)\.", k)]
     moved = [k for k in keys if not torch.equal(w_on[k], w_off[k])]
     what = "learned embedding" if kind == "textual-inversion" else "to_k/to_v LoRA tensors"
     return f"{len(moved)}/{len(keys)} {what} changed by the loss"
@@ -158,12 +167,18 @@ def _reload(run: Run, kind: str, fx: Dict[str, Path]) -> str:
     pipe.load_lora_weights(str(run.out), weight_name="pytorch_lora_weights.safetensors")
     params = dict(pipe.unet.named_parameters())
     saved = {k: v for k, v in _weights(run).items() if ":unet." in k}
+    loaded = {re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", n): p for n, p in params.items() if ".lora_" in n}
     bad = 0
     for key, value in saved.items():
-        name = key.split(":unet.", 1)[1]
-        match = [p for n, p in params.items() if re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", n) == name]
-        bad += not (len(match) == 1 and torch.equal(match[0].detach().to(value.dtype), value))
+        name = key.split(":unet.", 1)[1].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        bad += not (name in loaded and torch.equal(loaded[name].detach().to(value.dtype), value))
     return f"{bad}/{len(saved)} UNet LoRA tensors not reloaded as saved" if bad or not saved else ""
+
+
+def _not_here(run: Run) -> str:
+    """Why this environment cannot run the variant at all ('' when it can)."""
+    found = re.search(r"The version of PEFT you are using is not compatible, please use a version >= (\S+)", run.log)
+    return f"n/a here: transformers needs peft>={found.group(1)} for text-encoder LoRA" if found else ""
 
 
 def _loss_ok(run: Run, steps: int) -> str:
@@ -182,7 +197,7 @@ def _tail(log: str) -> str:
 
 
 def check_script(kind: str, diffusers: Path, work: Path, fx: Dict[str, Path], python: str, steps: int,
-                 bf16: bool) -> List[Row]:
+                 bf16: bool, reuse: bool = False) -> List[Row]:
     """Every variant of one script (see the module docstring), as table rows."""
     recipe = RECIPES[kind]
     stock_src = (diffusers / recipe.script).read_text()
@@ -202,7 +217,7 @@ def check_script(kind: str, diffusers: Path, work: Path, fx: Dict[str, Path], py
         if "--dataset_name" in extra:  # the images come from the caption dataset instead
             i = args.index("--instance_data_dir")
             del args[i:i + 2]
-        runs[name] = _run(python, folder / f"{script}.py", [*args, *extra], folder / "runs" / name, name)
+        runs[name] = _run(python, folder / f"{script}.py", [*args, *extra], folder / "runs" / name, name, reuse)
         return runs[name]
 
     rows: List[Row] = []
@@ -229,18 +244,21 @@ def check_script(kind: str, diffusers: Path, work: Path, fx: Dict[str, Path], py
         row("recipe on", f"{changed}; reload: {reload or 'ok'}", on, not changed.startswith("0/") and not reload)
     ckpt = run("checkpointing", "recipe", ["--gradient_checkpointing"])
     bad = _loss_ok(ckpt, steps) or _same(ckpt, on)
-    row("recipe on, gradient checkpointing == without", bad or "bitwise", ckpt)
+    row("recipe on, gradient checkpointing == without", bad or "bitwise", ckpt, not bad)
     variants = {"dreambooth-lora": {"prior preservation": _prior(fx), "--train_text_encoder": ["--train_text_encoder"]},
                 "dreambooth-lora-sdxl": {"prior preservation": _prior(fx),
                                          "--train_text_encoder": ["--train_text_encoder"],
                                          "--caption_column": ["--dataset_name", str(fx["captions"]),
                                                               "--caption_column", "text", "--image_column", "image"],
-                                         "--caption_column + prior + --train_text_encoder": [
+                                         "--caption_column + prior preservation": [
                                              "--dataset_name", str(fx["captions"]), "--caption_column", "text",
-                                             "--image_column", "image", *_prior(fx), "--train_text_encoder"]}}
+                                             "--image_column", "image", *_prior(fx)]}}
     for variant, extra in variants.get(kind, {}).items():
         r = run(variant, "recipe", extra)
-        row(f"recipe on, {variant}", _loss_ok(r, steps), r)
+        if _not_here(r):
+            rows.append(Row(kind, f"recipe on, {variant}", True, _not_here(r), [], r.seconds, status="n/a"))
+        else:
+            row(f"recipe on, {variant}", _loss_ok(r, steps), r)
     if bf16:
         r = run("bf16", "recipe", ["--mixed_precision", "bf16"])
         row("recipe on, bf16 mixed precision", _loss_ok(r, steps), r)
@@ -261,7 +279,7 @@ def table(rows: Sequence[Row]) -> str:
     out = ["| script | variant | result | subject loss per step | detail | s |", "|---|---|---|---|---|---|"]
     for r in rows:
         losses = ", ".join(f"{x:.3g}" for x in r.losses) or "-"
-        out.append(f"| {r.kind} | {r.variant} | {'pass' if r.ok else 'FAIL'} | {losses} | {r.detail} | "
+        out.append(f"| {r.kind} | {r.variant} | {r.status or ('pass' if r.ok else 'FAIL')} | {losses} | {r.detail} | "
                    f"{r.seconds:.0f} |")
     return "\n".join(out)
 
@@ -285,6 +303,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps per run")
     parser.add_argument("--only", action="append", choices=sorted(RECIPES), help="check only these scripts")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs already in --work made with the same command line (their logs)")
     args = parser.parse_args(argv)
     missing = [RECIPES[k].script for k in RECIPES if not (args.diffusers / RECIPES[k].script).is_file()]
     if missing:
@@ -294,10 +314,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Row] = []
     for kind in args.only or list(RECIPES):
         rows += check_script(kind, args.diffusers.resolve(), work, fx, args.python, args.steps,
-                             bf16=not args.no_bf16 and _bf16_ok())
+                             bf16=not args.no_bf16 and _bf16_ok(), reuse=args.reuse)
         print(table([r for r in rows if r.kind == kind]), flush=True)
     print("\n" + table(rows))
-    return 0 if all(r.ok for r in rows) else 1
+    return 0 if all(r.ok for r in rows) else 1  # n/a rows are not failures
 
 
 if __name__ == "__main__":
