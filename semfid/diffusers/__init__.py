@@ -13,7 +13,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
         f"Attention blocks): pip install 'semfid[diffusers]'  ({_exc})"
     ) from _exc
 
-from .alignment import AlignedTokens, align_tokens
+from .alignment import AlignedTokens, align_joint_tokens, align_tokens
 from .controller import SemfidController, install
 from .layers import cross_attention_layers, layer_levels, resolve_layers
 from .recorders import AttentionRecorder, NoCallError, SubjectLossRecorder
@@ -28,6 +28,7 @@ __all__ = [
     "NoCallError",
     "AlignedTokens",
     "align_tokens",
+    "align_joint_tokens",
     "cross_attention_layers",
     "layer_levels",
     "resolve_layers",

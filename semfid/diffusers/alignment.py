@@ -49,7 +49,14 @@ class AlignedTokens:
 
 
 def _pieces(tokenizer, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else []
+    # stripped: SentencePiece (T5) turns a trailing space into a piece of its own; CLIP ignores it
+    return list(tokenizer(text.strip(), add_special_tokens=False).input_ids) if text.strip() else []
+
+
+def _has_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a sequence with a start token (CLIP: yes, T5: no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("a").input_ids[:1]) == [bos]
 
 
 def _pair(ph: Sequence[int], cls: Sequence[int]) -> List[Tuple[int, int]]:
@@ -83,9 +90,10 @@ def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[st
                 f"{what}[{row}] {text!r}: the placeholder {placeholder!r} must be a separate word "
                 "(spaces or punctuation around it), so that it tokenizes the same inside the prompt"
             )
-    everything: List[Tuple[int, int]] = [(0, 0)]  # start of text
+    lead = 1 if _has_bos(tokenizer) else 0
+    everything: List[Tuple[int, int]] = [(0, 0)] if lead else []  # start of text
     subject: List[Tuple[int, int]] = []
-    t = r = 1
+    t = r = lead
     for j, s in enumerate(seg):
         everything += [(t + i, r + i) for i in range(len(s))]
         t, r = t + len(s), r + len(s)
@@ -102,7 +110,7 @@ def _align_one(tokenizer, prompt: str, placeholder: str, class_word: Optional[st
         why = ("the class word is dropped (class_word=None): use which='all'" if not cls
                else f"the placeholder lies beyond the {limit}-token limit")
         raise ValueError(f"prompts[{row}] {prompt!r}: no subject tokens to align; {why}")
-    full = [tokenizer.bos_token_id] + target_ids[: last - 1] + [tokenizer.eos_token_id]
+    full = [tokenizer.bos_token_id] * lead + target_ids[: last - lead] + [tokenizer.eos_token_id]
     labels = tuple(tokenizer.convert_ids_to_tokens(full[a]) for a, _ in keep)
     return ref_prompt, tuple(a for a, _ in keep), tuple(b for _, b in keep), labels
 
@@ -188,4 +196,51 @@ def align_tokens(tokenizers, prompts: Union[str, Sequence[str]], placeholder: st
                          tuple(r[2] for r in rows), tuple(r[3] for r in rows), which)
 
 
-__all__ = ["AlignedTokens", "align_tokens"]
+def align_joint_tokens(segments: Sequence[Tuple[object, int]], prompts: Union[str, Sequence[str]],
+                       placeholder: str, class_word: Optional[str], *, which: str = "all",
+                       allow_missing: Union[bool, Sequence[bool]] = False) -> AlignedTokens:
+    r"""Aligned positions in text states made of several token sequences one after another.
+
+    SD3's ``encoder_hidden_states`` are the CLIP-L ⊕ CLIP-G states (77 positions, the two
+    tokenizers side by side along the width, as in SDXL) followed by the T5 states (256 by
+    default): a word lands on one position in the first 77 and on one in the next 256. This aligns
+    each segment with :func:`align_tokens` (at its own length) and concatenates the positions,
+    each moved by the lengths of the segments before it::
+
+        aligned = align_joint_tokens([([pipe.tokenizer, pipe.tokenizer_2], 77), (pipe.tokenizer_3, 256)],
+                                     prompts, "sks", "dog")
+
+    (Flux's text states are T5 alone, PixArt's too: ``align_tokens(t5_tokenizer, ...,
+    max_length=512 / 300)``.)
+
+    Args:
+        segments: ``(tokenizers, length)`` per segment in key order; ``tokenizers`` as
+            :func:`align_tokens` takes them, ``length`` the segment's token count (the pipeline's
+            ``max_length`` / ``max_sequence_length``).
+        prompts, placeholder, class_word, which, allow_missing: as in :func:`align_tokens`.
+
+    Returns:
+        :class:`AlignedTokens` whose positions index the concatenated sequence.
+    """
+    if not isinstance(segments, (list, tuple)) or not segments:
+        raise ValueError("segments must be a non-empty list of (tokenizers, length) pairs")
+    parts, offset = [], 0
+    for i, seg in enumerate(segments):
+        if not (isinstance(seg, (list, tuple)) and len(seg) == 2 and isinstance(seg[1], int) and seg[1] > 0):
+            raise ValueError(f"segments[{i}] must be a (tokenizers, length > 0) pair, got {seg!r}")
+        aligned = align_tokens(seg[0], prompts, placeholder, class_word, which=which, max_length=seg[1],
+                               allow_missing=allow_missing)
+        parts.append((aligned, offset))
+        offset += seg[1]
+    first = parts[0][0]
+
+    def joined(field):
+        return tuple(tuple(x + off for a, off in parts for x in getattr(a, field)[row])
+                     for row in range(len(first)))
+
+    labels = tuple(tuple(x for a, _ in parts for x in a.labels[row]) for row in range(len(first)))
+    return AlignedTokens(first.prompts, first.ref_prompts, joined("tokens"), joined("ref_tokens"), labels,
+                         which)
+
+
+__all__ = ["AlignedTokens", "align_tokens", "align_joint_tokens"]
