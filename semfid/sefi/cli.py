@@ -117,13 +117,15 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _tiny_parser() -> argparse.ArgumentParser:
+    from ..testing.tiny_dit import DIT_KINDS
     from .tiny import KINDS, TinyPipelineConfig
 
     p = argparse.ArgumentParser(
         prog="semfid-tiny-pipeline",
-        description="Write a tiny random SD1.5 / SDXL diffusers pipeline (for tests and trying the CLIs).",
+        description="Write a tiny random SD1.5 / SDXL / SD3.5 / Flux / PixArt-Σ diffusers pipeline (for "
+                    "tests and trying the CLIs; DiTs: semfid.testing.tiny_dit, --seed only).",
     )
-    p.add_argument("kind", choices=KINDS)
+    p.add_argument("kind", choices=KINDS + DIT_KINDS)
     p.add_argument("directory")
     add_options(p, TinyPipelineConfig)
     return p
@@ -131,13 +133,18 @@ def _tiny_parser() -> argparse.ArgumentParser:
 
 def tiny_pipeline_main(argv: Optional[Sequence[str]] = None) -> int:
     """``semfid-tiny-pipeline``; returns the exit status."""
+    from ..testing.tiny_dit import DIT_KINDS, build_tiny_dit_pipeline
     from .tiny import TinyPipelineConfig, build_tiny_pipeline
 
     args = _tiny_parser().parse_args(argv)
     _quiet_libraries()
     if os.path.exists(args.directory) and os.listdir(args.directory):
         return _fail("semfid-tiny-pipeline", f"{args.directory} exists and is not empty")
-    build_tiny_pipeline(args.kind, args.directory, **given_options(args, TinyPipelineConfig))
+    options = given_options(args, TinyPipelineConfig)
+    if args.kind in DIT_KINDS:
+        build_tiny_dit_pipeline(args.kind, args.directory, seed=options.get("seed", 0))
+    else:
+        build_tiny_pipeline(args.kind, args.directory, **options)
     print(f"semfid-tiny-pipeline: wrote a tiny {args.kind} pipeline to {args.directory}")
     return 0
 

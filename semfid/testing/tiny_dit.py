@@ -21,7 +21,6 @@ from ..sefi.tiny import TINY_WORDS, _text_config, write_tiny_tokenizer
 from .dits import load_dit_config
 
 DIT_KINDS = ("sd3", "flux", "pixart")
-_T5_LENGTH = {"sd3": 32, "flux": 32, "pixart": 32}  # max_sequence_length of the tiny pipelines
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-<>"
 
 
@@ -51,4 +50,81 @@ def write_tiny_t5_tokenizer(directory: Union[str, os.PathLike], words: Iterable[
     return directory
 
 
-__all__ = ["DIT_KINDS", "write_tiny_t5_tokenizer"]
+def _t5_encoder(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width,
+                                   num_layers=2, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+
+
+def _vae(latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                         sample_size=64, **extra)
+
+
+def build_tiny_dit_pipeline(kind: str, directory: Union[str, os.PathLike], *, seed: int = 0) -> Path:
+    r"""Build and save a tiny random SD3.5-medium, Flux.1-dev or PixArt-Σ pipeline that loads offline.
+
+    Args:
+        kind (`str`): ``"sd3"``, ``"flux"`` or ``"pixart"``.
+        directory (`str` or `os.PathLike`): output folder (created).
+        seed (`int`, *optional*, defaults to 0): seed of the random weights.
+
+    Returns:
+        `Path`: ``directory``. The transformers are the twins of :mod:`semfid.testing.dits`
+        (text width 32); CLIP encoders 16 wide with 16-wide projections (SD3: CLIP-L ⊕ CLIP-G = 32
+        pooled; Flux: one 32-wide CLIP for the pooled projection), T5 encoders 32 wide, VAEs with
+        4 latent channels and the 8x scale factor. Run them at 64 px (max_sequence_length 32).
+    """
+    if kind not in DIT_KINDS:
+        raise ValueError(f"kind must be one of {DIT_KINDS}, got {kind!r}")
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+
+    names = {"sd3": "sd35_medium_transformer_twin", "flux": "flux_dev_transformer_twin",
+             "pixart": "pixart_sigma_transformer_twin"}
+    directory = Path(directory)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory() as scratch:
+            t5_tok = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(Path(scratch) / "t5"))
+            clip_tok = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch) / "clip"))
+            clip_tok2 = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(scratch) / "clip2", pad_token="!"))
+        config = load_dit_config(names[kind])
+        transformer = getattr(diffusers, config.pop("_class_name")).from_config(config)
+        ids = dict(vocab_size=len(clip_tok), pad_id=clip_tok.pad_token_id, eos_id=clip_tok.eos_token_id,
+                   bos_id=clip_tok.bos_token_id)
+        if kind == "sd3":
+            pipe = diffusers.StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=_vae(4, shift_factor=0.0609, scaling_factor=1.5305),
+                text_encoder=CLIPTextModelWithProjection(_text_config(hidden=16, projection_dim=16, **ids)),
+                tokenizer=clip_tok,
+                text_encoder_2=CLIPTextModelWithProjection(
+                    _text_config(hidden=16, projection_dim=16, **dict(ids, pad_id=clip_tok2.pad_token_id))),
+                tokenizer_2=clip_tok2, text_encoder_3=_t5_encoder(t5_tok, 32), tokenizer_3=t5_tok,
+            )
+        elif kind == "flux":
+            pipe = diffusers.FluxPipeline(
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+                vae=_vae(4, shift_factor=0.1159, scaling_factor=0.3611),
+                text_encoder=CLIPTextModel(_text_config(hidden=32, **ids)), tokenizer=clip_tok,
+                text_encoder_2=_t5_encoder(t5_tok, 32), tokenizer_2=t5_tok, transformer=transformer,
+            )
+        else:
+            pipe = diffusers.PixArtSigmaPipeline(
+                tokenizer=t5_tok, text_encoder=_t5_encoder(t5_tok, 32), vae=_vae(4, scaling_factor=0.13025),
+                transformer=transformer, scheduler=diffusers.DPMSolverMultistepScheduler(),
+            )
+        pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+__all__ = ["DIT_KINDS", "write_tiny_t5_tokenizer", "build_tiny_dit_pipeline"]
