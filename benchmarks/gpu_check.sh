@@ -8,7 +8,8 @@
 # most), each bounded by `timeout` and run even when an earlier one failed:
 #   1. env            nvidia-smi, nvcc, a C compiler (Triton's launcher), compute-sanitizer, versions
 #   2. selftest       python -m semfid.selftest --backend triton|sdpa --ship $OUT/verdicts/ (cuda after step 5)
-#   3. pytest_gpu     pytest -m gpu
+#   3. pytest_gpu     pytest -m gpu (the key-blocked Triton kernels on DiT layers too)
+#      triton_joint   benchmarks/triton_joint_timing.py: Flux / SD3 / PixArt-Σ layers, fwd+bwd vs SDPA
 #   4. library_cuda   opcheck + torch.compile with diffusers' transposed views, on CUDA
 #   5. cuda_build     the CUDA extension for the detected arch (setup.py build_ext --inplace)
 #      cuda_tests     its tests, and the op suites against backend=cuda
@@ -27,7 +28,7 @@ DRY=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY="requested (--dry-run)" ;;
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -138,7 +139,11 @@ fi
 
 # ---- 3. the GPU tests -----------------------------------------------------------------------------
 PYTEST=($PY -m pytest -q -rs -p no:cacheprovider)
-cuda_step pytest_gpu 100 "${PYTEST[@]}" -m gpu --continue-on-collection-errors tests
+cuda_step pytest_gpu 130 "${PYTEST[@]}" -m gpu --continue-on-collection-errors tests
+
+# ---- 3b. the key-blocked Triton kernels on DiT layers at 1024 px (joint key sets): fwd+bwd timings --
+# (their float64 checks ran in step 3: tests/test_triton_joint_gpu.py; the battery of step 2 too)
+cuda_step triton_joint 45 $PY benchmarks/triton_joint_timing.py --reps 10
 
 # ---- 4. opcheck + torch.compile (inductor, fullgraph) with transposed views, on CUDA ----------------
 cuda_step library_cuda 60 env SEMFID_TEST_DEVICE=cuda "${PYTEST[@]}" tests/test_library.py -k "opcheck or compile"

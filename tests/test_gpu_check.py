@@ -13,10 +13,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ["env", "selftest", "selftest_sdpa", "pytest_gpu", "library_cuda", "cuda_build", "selftest_cuda",
+STEPS = ["env", "selftest", "selftest_sdpa", "pytest_gpu", "triton_joint", "library_cuda", "cuda_build", "selftest_cuda",
          "cuda_tests", "sanitizer_driver",
          "memcheck", "racecheck", "attn_speed", "train_step"]
-NEEDS_CUDA = ["selftest", "selftest_sdpa", "selftest_cuda", "pytest_gpu", "library_cuda", "cuda_build", "memcheck", "racecheck", "train_step"]
+NEEDS_CUDA = ["selftest", "selftest_sdpa", "selftest_cuda", "pytest_gpu", "triton_joint", "library_cuda", "cuda_build", "memcheck", "racecheck", "train_step"]
 
 
 @pytest.fixture(scope="module")
