@@ -15,7 +15,8 @@ On a machine without a GPU the Triton path (the one a GPU runs) is observed in a
 with the kernels really interpreted, and the bytes at the SD shapes with the kernels recorded but not
 executed (neither the count nor the bytes depend on what the kernels compute).
 
-    python benchmarks/attn_launches.py --dtype float16 --batch 2 --cases sd15_64 sdxl_64
+The table on its own: ``python benchmarks/attn_launch_table.py --dtype float16 --batch 2
+--cases sd15_64 sdxl_64`` (this module's ``main`` is the interpreter child).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -210,61 +211,19 @@ def triton_path(cases: List[str], batch: int, dtype: torch.dtype, *, mode: str =
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="launches and modelled bytes of one subject fwd+bwd")
-    p.add_argument("--cases", nargs="+", choices=[s.name for s in SD_SHAPES], default=["sd15_64", "sdxl_64"])
+    """The interpreter child of :func:`triton_path` (the standalone table: attn_launch_table.py)."""
+    p = argparse.ArgumentParser(description="the Triton-path child of attn_launches.triton_path")
+    p.add_argument("--cases", nargs="+", choices=[s.name for s in SD_SHAPES], required=True)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="subject_fwd_bwd", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    if args.child:
-        try:
-            print(json.dumps(_triton_child(args.cases, args.batch, dtype, args.mode)))
-        except Exception as exc:  # noqa: BLE001 - reported by the parent
-            print(json.dumps({"error": short_error(exc)}))
-        return 0
-    print(standalone_table(args.cases, args.batch, dtype))
+    try:
+        print(json.dumps(_triton_child(args.cases, args.batch, getattr(torch, args.dtype), args.mode)))
+    except Exception as exc:  # noqa: BLE001 - reported by the parent
+        print(json.dumps({"error": short_error(exc)}))
     return 0
-
-
-def standalone_table(cases: List[str], batch: int, dtype: torch.dtype) -> str:
-    """The launches / traffic table of attn_speed's report without any timing: every implementation
-    that runs here eagerly, observed once per case on this machine's device, plus the Triton path
-    (in-process on a GPU, in the interpreter child on a CPU)."""
-    from attn_impls import all_implementations
-    from attn_reports import TRITON_PATH, launch_rows, launch_table, triton_path_notes
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seen: Dict[tuple, Observation] = {}
-    names, notes = [], []
-    for impl in all_implementations():
-        if impl.subject is None or impl.compiles:
-            continue
-        reason = impl.unavailable(device, dtype)
-        if reason is not None:
-            notes.append(f"{impl.name}: unavailable: {reason}")
-            continue
-        names.append(impl.name)
-        for name in cases:
-            s = SHAPES_BY_NAME[name]
-            x = make_inputs(batch, s.n_q, s.heads, s.head_dim, device, dtype)
-            try:
-                seen[(name, batch, impl.name)] = observe(mode_call(impl, "subject_fwd_bwd", x))
-            except Exception as exc:  # noqa: BLE001 - one failure is a note, not the end
-                notes.append(f"{impl.name} {name}: failed: {short_error(exc)}")
-    path = {batch: triton_path(cases, batch, dtype)} if device.type == "cpu" else None
-    if path and "error" not in path[batch]:
-        names.append(TRITON_PATH)
-        for name, got in path[batch]["cases"].items():
-            seen[(name, batch, TRITON_PATH)] = Observation(Counter(got["kernels"]), got["bytes"])
-
-    def observed(case, b, name):
-        o = seen.get((case, b, name))
-        return (None, None) if o is None else (o.launches, o.bytes)
-
-    rows = launch_rows([(c, batch) for c in cases], names, dtype, observed)
-    return launch_table(rows, names, dtype, notes + triton_path_notes(path))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ if _install_problem(__file__):  # a clone in the current folder shadows the inst
     _warnings.warn(_install_problem(__file__), UserWarning, stacklevel=2)
 
 from .backends import available_backends
+from .backends.base import set_verdict_source as _set_verdict_source
+from .selftest import verdict_for as _verdict_for
 from ._inputs import TokenSelection
+
+# Selection by self-test verdict sits above both: the backends never import semfid.selftest.
+_set_verdict_source(_verdict_for)
 from .ops import attention_maps, cross_attention, subject_attention
 
 __all__ = [

@@ -95,9 +95,11 @@ def _grads(outputs, inputs, cotangents):
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, got)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("head_reduce,detach", [("mean", True), ("none", False), ("mean", False),
-                                                ("none", True)])
+# Each head reduction with the reference detached and not, each at one of the two dtypes.
+@pytest.mark.parametrize("head_reduce,detach,dtype", [
+    ("mean", True, torch.float32), ("none", False, torch.float32), ("mean", False, torch.float64),
+    ("none", True, torch.float64)], ids=["mean-detached-fp32", "none-fp32", "mean-fp64",
+                                         "none-detached-fp64"])
 @pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.name)
 @pytest.mark.parametrize("path", PATHS)
 def test_subject_attention_joint_matches_reference(path, lay, head_reduce, detach, dtype, monkeypatch):
@@ -209,6 +211,7 @@ def test_opcheck_joint_ops(path):
     torch.library.opcheck(torch.ops.semfid.xattn_fwd.default, xargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["torch", "sdpa"])
 def test_compile_fullgraph_joint(path):
     torch._dynamo.reset()

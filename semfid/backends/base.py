@@ -46,7 +46,7 @@ implementations return too: ``torch.compile`` checks both against each other.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, FrozenSet, List, Optional, Tuple, Union
+from typing import Callable, ClassVar, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 
@@ -167,16 +167,27 @@ def _auto_refusal(cls: type, device_type: str, device_index: Optional[int]) -> O
     return _auto_refusal_cached(cls, device_type, device_index)
 
 
+#: ``verdict_for(name, device) -> Verdict`` (with ``passed`` / ``reason``): the self-test verdicts
+#: ``auto`` reads for SELF_VALIDATED backends on a GPU. Set from above by ``semfid/__init__.py``
+#: (semfid.selftest imports the backends it tests; the backends never import it).
+_VERDICT_SOURCE: Optional[Callable[[str, torch.device], object]] = None
+
+
+def set_verdict_source(verdict_for: Optional[Callable[[str, torch.device], object]]) -> None:
+    """Where ``auto`` gets self-test verdicts from (``semfid.selftest.verdict_for``)."""
+    global _VERDICT_SOURCE
+    _VERDICT_SOURCE = verdict_for
+    _auto_refusal_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _auto_refusal_cached(cls: type, device_type: str, device_index: Optional[int]) -> Optional[str]:
     if device_type in cls.AUTO_DEVICES:
         return None
     if cls.SELF_VALIDATED and device_type == "cuda":
-        try:
-            from ..selftest import verdict_for
-        except ImportError as exc:  # pragma: no cover - the package ships selftest
-            return f"not validated on cuda (semfid.selftest unavailable: {exc})"
-        verdict = verdict_for(cls.NAME, torch.device(device_type, device_index))
+        if _VERDICT_SOURCE is None:
+            return "not validated on cuda (no self-test verdict source: import semfid)"
+        verdict = _VERDICT_SOURCE(cls.NAME, torch.device(device_type, device_index))
         if verdict.passed:
             return None
         return f"not validated on this GPU ({verdict.reason}; rerun: python -m semfid.selftest --backend {cls.NAME})"

@@ -21,7 +21,8 @@ import torch
 
 from .. import _cpp_lib
 from .._inputs import SubjectInputs, XattnInputs
-from . import cuda_limits, register_backend
+from . import cuda_limits
+from .registry import register_backend
 from .base import (BackendBase, BackwardResult, ForwardResult, SubjectBackwardResult,
                    SubjectForwardResult)
 

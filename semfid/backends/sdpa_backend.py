@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .._inputs import SubjectInputs, XattnInputs
-from . import joint, register_backend
+from . import joint
+from .registry import register_backend
 from .base import BackendBase
 from .primitives import SdpaRecompute
 from .sdpa import subject_backward, subject_forward, xattn_backward, xattn_forward

@@ -33,7 +33,8 @@ import torch
 
 from .._inputs import SubjectInputs, XattnInputs
 from .. import _cpu_core
-from . import joint, register_backend
+from . import joint
+from .registry import register_backend
 from .base import (
     BackendBase,
     BackwardResult,

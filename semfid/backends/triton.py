@@ -18,7 +18,7 @@ from typing import List, Optional, Union
 import torch
 
 from .._inputs import SubjectInputs, XattnInputs
-from . import register_backend
+from .registry import register_backend
 from .base import BackendBase, BackwardResult, ForwardResult, SubjectBackwardResult, SubjectForwardResult
 
 _UNSET = object()
