@@ -8,6 +8,7 @@ any model is loaded or anything is written. The file formats' schemas use the sa
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import tempfile
 from pathlib import Path
@@ -31,9 +32,10 @@ MAX_STAGES = 1000
 
 
 def integer(name: str, value, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    """``value`` as an int (a real int, not a bool or a float) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (an integer type, not a bool or a float) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SefiInputError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise SefiInputError(f"{name} must be an integer in [{_bound(low, '-inf')}, {_bound(high)}], got {value}")
     return value
@@ -42,7 +44,7 @@ def integer(name: str, value, low: Optional[int] = None, high: Optional[int] = N
 def number(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
            low_open: bool = False) -> float:
     """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SefiInputError(f"{name} must be a number, got {value!r}")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
