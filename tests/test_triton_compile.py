@@ -213,3 +213,85 @@ def test_backward_splits_and_tiles_depend_on_shapes_only():
     sub = importlib.import_module("semfid.kernels.subject_bwd")
     assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 1) == (32, 4)
     assert sub.config(torch.empty(1, 1, 1, 64, dtype=torch.float16), False, 2) == (32, 8)
+
+
+# ---- the key-blocked kernels (joint key sets) ------------------------------------------------------
+@pytest.mark.slow
+def test_key_blocked_subject_kernels_compile_without_spills():
+    """The heaviest key-blocked launches (the subject op with the reference's gradient, Flux's head
+    dim 128, S = 4 and 77): forward, per-row prep, dq and both dk/dv passes, sm_90 fp16."""
+    res = _run("--dtypes", "fp16", "--arch", "90", "--head-dims", "", "--joint-head-dims", "128",
+               "--only", " joint_subj_ref ")
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
+    for part in ("fwd ", "bwd_prep", "bwd_dq", "bwd_dkdv"):
+        for S in ("S=4 ", "S=77"):
+            assert any(part in line and S in line for line in lines), (part, S, res.stdout[-3000:])
+    assert not [line for line in lines if line.startswith("FAIL") or "SPILLS" in line], "\n".join(lines)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def _flux_layer(dtype_name: str = "float16"):
+    import torch
+
+    cj = importlib.import_module("semfid.kernels.compile_joint")
+    return cj._tensors(128, {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype_name], 4)
+
+
+def test_key_blocked_grids_fill_132_sms_on_a_flux_layer():
+    """B = 1, 24 heads, 4608 queries and keys: every pass has one program per (tile, head), well
+    over 132 programs; tiles come from the shapes only (no autotuning, no SM count)."""
+    import torch
+
+    fwd = importlib.import_module("semfid.kernels.joint_fwd")
+    bwd = importlib.import_module("semfid.kernels.joint_bwd")
+    q, k, v, k_ref, bias, ref_bias, tok = _flux_layer()
+    rows, seg = (512, 4608), (0, 512)
+    out, lse = fwd.allocate(q, v, rows[1] - rows[0])
+    a_t = torch.empty(1, 24, rows[1] - rows[0], 4, device="meta")
+    _, _, grid, _ = fwd.launch(q, k, v, bias, tok, 0.1, rows, out, lse, a_t, k_ref, ref_bias, tok, seg,
+                               torch.empty_like(lse), a_t)
+    assert grid[0] * grid[1] >= 132 * 8, grid
+    grads = [torch.empty_like(t) for t in (q, k, v, k_ref)]
+    launches = bwd.launches(q, k, v, bias, tok, 0.1, rows, lse, out, torch.empty_like(out), None, *grads[:3],
+                            k_ref=k_ref, ref_bias=ref_bias, ref_tokens=tok, segment=seg, lse_ref=lse,
+                            diff=lse.new_empty(0), dloss=torch.empty(1, device="meta"), mean_heads=False,
+                            detach_reference=False, dk_ref=grads[3])
+    names = [kernel.__name__ for kernel, *_ in launches]
+    assert names == ["_joint_bwd_prep_kernel", "_joint_bwd_dq_kernel", "_joint_bwd_dkdv_kernel",
+                     "_joint_bwd_dkdv_kernel"]
+    for kernel, grid, *_ in launches[:3]:
+        assert grid[0] * grid[1] >= 132, (kernel.__name__, grid)
+    # the dk/dv pass: one program per key block of each class (outside / segment), no partials
+    _, block_n, _ = importlib.import_module("semfid.kernels._joint").tiles(torch.float16, 128, 4, backward=True)
+    assert launches[2][1] == (512 // block_n + 4096 // block_n, 24)
+    assert launches[3][1] == (512 // block_n, 24)  # k_ref's blocks
+
+
+def test_key_blocked_routing_and_reasons():
+    """Long keys, map_queries or ref_segment take the key-blocked kernels (per-head subject maps
+    included: they do not spill there); their head-dim limit is a reason; the UNet's 77 keys stay
+    on the one-pass kernels."""
+    import torch
+    from semfid._inputs import SubjectInputs, XattnInputs
+    from semfid.backends import triton as adapter
+
+    def subject(M, M_ref, rows=None, seg=None, D=64, mean=False):
+        q = torch.empty(1, 2, 40, D, device="meta")
+        k, k_ref = torch.empty(1, 2, M, D, device="meta"), torch.empty(1, 2, M_ref, D, device="meta")
+        tok = torch.zeros(1, 2, dtype=torch.int64, device="meta")
+        return SubjectInputs(q, k, k, k_ref, None, None, tok, tok, None, 0.3, mean, True, False,
+                             map_start=rows[0] if rows else 0, map_stop=rows[1] if rows else None,
+                             seg_start=seg[0] if seg else 0, seg_stop=seg[1] if seg else None)
+
+    def reasons(inp):  # meta tensors stand for a compiled (GPU) launch: drop the device line
+        return [r for r in adapter.TritonBackend.not_supported_reasons(inp) if not r.startswith("device=")]
+
+    assert not adapter._key_blocked(subject(77, 77))
+    assert any("head_reduce='none'" in r for r in reasons(subject(77, 77)))
+    for inp in (subject(300, 7), subject(7, 300), subject(60, 20, rows=(20, 40), seg=(0, 20))):
+        assert adapter._key_blocked(inp) and reasons(inp) == [], reasons(inp)
+    assert any("head_dim=160 > 128" in r for r in reasons(subject(300, 7, D=160)))
+    q = torch.empty(1, 2, 40, 72, device="meta")
+    k = torch.empty(1, 2, 300, 72, device="meta")
+    xin = XattnInputs(q, k, k, None, None, 0.2, True)
+    assert adapter._key_blocked(xin) and reasons(xin) == []
