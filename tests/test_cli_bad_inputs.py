@@ -400,6 +400,7 @@ def test_written_files_share_one_mode(env):
     assert len(set(modes.values())) == 1, modes
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupt_checkpoint_and_records_it(env, capsys):
     run = _copy_run(env, "fallback")
     for f in (TOKENS_FILE, CONFIG_FILE):
@@ -415,6 +416,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_records_it(env, capsys)
     assert training["resumed_from"] == 1 and training["steps_done"] == 3 and training["steps"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["loss", "token"])
 def test_training_stops_at_the_first_non_finite_value(env, capsys, monkeypatch, failure):
     out = env["work"] / f"diverge-{failure}"
@@ -507,6 +509,7 @@ def test_killed_during_checkpoint_write_resumes_bit_identical(env, capsys):
     assert identical == len(KILL_POINTS)
 
 
+@pytest.mark.slow
 def test_sampling_refuses_non_finite_latents(env):
     """The last guard of semfid-generate: latents that overflowed are an error, never a black image."""
     from semfid.sefi.errors import SefiInputError
