@@ -21,6 +21,10 @@ timed; a compiled baseline declares its compile budget), ``attn_gate`` (the refe
     python benchmarks/attn_speed.py                 # GPU: every case at batch 2 and 8; CPU: --quick
     python benchmarks/attn_speed.py --quick --json results.json --plot speedup.png
     python benchmarks/attn_speed.py --cases sd15_64 --modes subject_fwd_bwd --impl semfid eager
+
+Then the diffusion-transformer cases (:mod:`attn_dit`: Flux, SD3 and PixArt-Σ layers, the subject
+loss over joint key sets, at 512 px with ``--quick`` / on a CPU, 1024 px on a GPU; ``--no-dit``
+skips them, ``--dit-only`` runs only them).
 """
 
 from __future__ import annotations
@@ -85,7 +89,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="write a PNG bar chart of speedups here")
     p.add_argument("--markdown", default=None, help="write README-ready markdown tables here")
     p.add_argument("--no-progress", action="store_true")
+    dit = p.add_mutually_exclusive_group()
+    dit.add_argument("--no-dit", action="store_true", help="skip the diffusion-transformer cases")
+    dit.add_argument("--dit-only", action="store_true", help="run only the diffusion-transformer cases")
     return p.parse_args(argv)
+
+
+def run_dit(device: torch.device, dtype: torch.dtype, quick: bool, budget_s: float) -> None:
+    """The DiT section (attn_dit): subject fwd+bwd over joint key sets, interleaved on a CPU."""
+    import attn_dit
+
+    t0 = time.perf_counter()
+    px = 512 if quick or device.type != "cuda" else 1024
+    print(f"\nDiT cases (attn_dit): {load_average()}")
+    print("\n".join(attn_dit.run(attn_dit.DIT_CASES, px, device, dtype, budget_s=budget_s)))
+    print(f"DiT cases in {time.perf_counter() - t0:.1f} s; {load_average()} at the end")
 
 
 def _interrupt(signum, frame):
@@ -139,6 +157,9 @@ def main(argv=None) -> int:
         print(f"note: {n}")
     sys.stdout.flush()
 
+    if args.dit_only:
+        run_dit(device, dtype, quick, budget_s)
+        return 0
     t0 = time.perf_counter()
     results, skipped = run_benchmarks(
         cases, batches, args.modes, impls, device, dtype, budget_s=budget_s,
@@ -152,6 +173,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, previous_handler)
     print(report(results, skipped, [i.name for i in impls], args.modes, device, dtype, path))
     print(f"\n{len(results)} measurements in {time.perf_counter() - t0:.1f} s; {load_average()} at the end")
+    if not args.no_dit:
+        run_dit(device, dtype, quick, budget_s)
 
     if args.json:
         with open(args.json, "w") as f:

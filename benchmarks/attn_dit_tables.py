@@ -1,0 +1,176 @@
+"""Two tables of one Flux.1 1024-px joint attention layer (B = 1, 24 heads × 128, keys [512 text,
+4096 image], S = 4 tokens, detached reference), for issue 21's memory and cost targets.
+
+* Saved for backward (:class:`semfid.testing.SavedBytes`): semfid's subject op, SDPA alone (the
+  attention the layer runs anyway) and explicit joint maps. *Counted* on a fake-tensor run (the
+  real autograd graph, no data: the same count a real run gives, at any size) for every row, and
+  *measured* on real float32 tensors where the explicit graph fits in a quarter of this machine's
+  available memory (else the column says so).
+* Modelled FLOPs and compulsory bytes of forward + backward (matmul FLOPs; bytes every pass must
+  read or write once, bf16 tensors, fp32 lse / maps): plain flash attention (FA2: one pass
+  forward, one backward that recomputes the logits), semfid's subject op as designed (the split
+  lse: the two attend calls split the keys of one attention; the reference's [Nm, 512] logsumexp;
+  maps from lse; the backward with S extra value columns), the sdpa backend's variant (its
+  backward recomputes the forward through PyTorch's autograd), two SDPA calls with augmented
+  values, and explicit joint maps (logits, probabilities and their gradients through memory).
+
+    python benchmarks/attn_dit_tables.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_utils import load_average, short_error  # noqa: E402
+from attn_dit import CASES_BY_NAME, DitInputs, explicit_subject, semfid_subject  # noqa: E402
+from semfid.testing import SavedBytes  # noqa: E402
+
+FLUX = CASES_BY_NAME["flux"]
+PX = 1024
+MIB = float(1 << 20)
+
+
+def _inputs(dtype: torch.dtype) -> DitInputs:
+    """The Flux 1024-px layer's inputs (zeros: the tables need shapes, not values)."""
+    H, D, T = FLUX.heads, FLUX.head_dim, FLUX.text
+    N, M = FLUX.sizes(PX)
+
+    def proj(n: int, grad: bool) -> torch.Tensor:
+        return torch.zeros(1, n, H * D, dtype=dtype).requires_grad_(grad).view(1, n, H, D).transpose(1, 2)
+
+    q, k, v = proj(N, True), proj(M, True), proj(M, True)
+    tokens = [1, 100, 200, 300]
+    return DitInputs(q, k, v, proj(T, False), tokens, list(tokens), (T, N), (0, T), D ** -0.5,
+                     torch.zeros(q.shape, dtype=dtype), torch.ones(1))
+
+
+def _sdpa_alone(x: DitInputs):
+    return F.scaled_dot_product_attention(x.q, x.k, x.v, scale=x.scale), None
+
+
+ROWS: Dict[str, Callable] = {"semfid subject op": semfid_subject, "SDPA alone": _sdpa_alone,
+                             "explicit joint maps": explicit_subject}
+
+
+class _FakeSavedBytes(SavedBytes):
+    """:class:`SavedBytes` keyed by storage identity (fake tensors have no data pointers)."""
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self._storages[StorageWeakRef(storage)] = storage.nbytes()
+        return t
+
+
+def _count(fn: Callable, dtype: torch.dtype, fake: bool) -> int:
+    if fake:
+        with FakeTensorMode():
+            x = _inputs(dtype)
+            with _FakeSavedBytes() as saved:
+                result = fn(x)
+    else:
+        x = _inputs(dtype)
+        with SavedBytes() as saved:
+            result = fn(x)
+    del result
+    return saved.nbytes
+
+
+def _available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def saved_table(dtype: torch.dtype = torch.bfloat16) -> List[str]:
+    counted = {}
+    for name, fn in ROWS.items():
+        try:
+            counted[name] = _count(fn, dtype, fake=True)
+        except Exception as exc:  # noqa: BLE001
+            counted[name] = short_error(exc)
+    avail = _available_bytes()
+    explicit32 = counted.get("explicit joint maps")
+    big = isinstance(explicit32, int) and avail is not None and 2 * explicit32 > avail / 4
+    lines = [f"Saved for backward, Flux 1024-px layer (N = M = {sum(FLUX.sizes(PX)) // 2}, B = 1, "
+             f"24 × 128, S = 4): counted on fake tensors in {str(dtype).replace('torch.', '')}; "
+             "measured on real float32 tensors where they fit", "",
+             "| | counted (MiB) | × SDPA alone | measured fp32 (MiB) |", "|---|---|---|---|"]
+    base = counted.get("SDPA alone")
+    for name, fn in ROWS.items():
+        c = counted[name]
+        if not isinstance(c, int):
+            lines.append(f"| {name} | failed: {c} | | |")
+            continue
+        ratio = f"{c / base:.3f}" if isinstance(base, int) else "–"
+        if name == "explicit joint maps" and big:
+            measured = f"not run: ~{2 * c / MIB:.0f} MiB > 1/4 of {avail / MIB:.0f} MiB available (computed)"
+        else:
+            try:
+                measured = f"{_count(fn, torch.float32, fake=False) / MIB:.1f}"
+            except Exception as exc:  # noqa: BLE001
+                measured = f"failed: {short_error(exc)}"
+        lines.append(f"| {name} | {c / MIB:.1f} | {ratio} | {measured} |")
+    return lines
+
+
+def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int = 128, H: int = 24,
+             S: int = 4, e: int = 2) -> Dict[str, Dict[str, float]]:
+    """FLOPs and compulsory bytes of forward + backward (see the module docstring)."""
+    M = N
+    nmd, nd, md = N * M * D * H, N * D * H * e, M * D * H * e
+    lse = N * H * 4
+    small_f = 2 * Nm * R * D * H + 3 * 2 * Nm * S * D * H  # L_R, A_t, A_r (+ A_t again in bwd)
+    small_b = R * D * H * e + 3 * Nm * S * 4  # k_ref, maps / diff
+    plain_f = 4 * nmd + 10 * nmd
+    plain_b = (nd + 2 * md + nd + lse) + (3 * nd + 2 * md + lse + nd + 2 * md)
+    aug = 4 * N * M * S * H  # dP and dV with S extra value columns
+    explicit_pass = N * M * H * e
+    return {
+        "plain attention (FA2)": {"flops": plain_f, "bytes": plain_b},
+        "semfid subject op (design)": {"flops": plain_f + aug + small_f, "bytes": plain_b + small_b},
+        "semfid sdpa backend": {"flops": plain_f + 4 * nmd + aug + small_f,
+                                "bytes": plain_b + (nd + 2 * md) + small_b},
+        "two SDPA calls, augmented values": {
+            "flops": plain_f + aug + 2 * Nm * (M - T + R) * (D + S) * H,  # + the reference call
+            "bytes": plain_b + (Nm * D * H * e + (M - T + R) * D * H * e)},
+        "explicit joint maps": {"flops": 4 * nmd + 8 * nmd + 2 * Nm * (M - T + R) * D * H,
+                                "bytes": plain_b + 8 * explicit_pass},
+    }
+
+
+def modelled_table() -> List[str]:
+    rows = modelled()
+    base = rows["plain attention (FA2)"]
+    lines = ["Modelled forward + backward, Flux 1024-px layer (B = 1, bf16 tensors): matmul FLOPs "
+             "and compulsory bytes", "", "| | GFLOP | × plain | GB | × plain |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['flops'] / 1e9:.0f} | {r['flops'] / base['flops']:.3f} | "
+                     f"{r['bytes'] / 1e9:.3f} | {r['bytes'] / base['bytes']:.2f} |")
+    return lines
+
+
+def main() -> int:
+    print(f"semfid attn_dit_tables: {load_average()}")
+    print("\n".join(modelled_table()))
+    print()
+    print("\n".join(saved_table()))
+    print(f"{load_average()} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The DiT benchmark (benchmarks/attn_dit.py, attn_dit_tables.py): its reference gate refuses a
+wrong implementation, and the Flux 1024-px tables meet issue 21's targets (saved-for-backward
+bytes ≤ 1.1x SDPA alone, counted on fake tensors; modelled FLOPs / bytes ≤ 1.25x plain attention)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import attn_dit  # noqa: E402
+import attn_dit_tables  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_gate_passes_the_implementations_and_refuses_a_wrong_one(monkeypatch):
+    for name in ("semfid", "explicit", "sdpa_two_calls"):
+        assert attn_dit.check(name, CPU, torch.float32) is None, name
+
+    def reference_without_segment(x):  # A_r over k_ref alone: the UNet meaning, wrong here
+        return attn_dit.explicit_subject(attn_dit.DitInputs(**{**vars(x), "ref_segment": None}))
+
+    monkeypatch.setitem(attn_dit.IMPLEMENTATIONS, "wrong", reference_without_segment)
+    reason = attn_dit.check("wrong", CPU, torch.float32)
+    assert reason is not None and "loss" in reason
+
+
+def test_dit_inputs_are_the_joint_layouts():
+    flux = attn_dit.make_dit_inputs(attn_dit.CASES_BY_NAME["flux"], 64, 1, CPU, torch.float32,
+                                    heads=2, head_dim=8, text=6)
+    assert flux.q.shape == (1, 2, 22, 8) and flux.map_queries == (6, 22) and flux.ref_segment == (0, 6)
+    assert all(0 <= t < 6 for t in flux.tokens)
+    sd3 = attn_dit.make_dit_inputs(attn_dit.CASES_BY_NAME["sd3"], 64, 1, CPU, torch.float32,
+                                   heads=2, head_dim=8, text=6)
+    assert sd3.map_queries == (0, 16) and sd3.ref_segment == (16, 22)
+    assert all(16 <= t < 22 for t in sd3.tokens)
+    assert attn_dit.CASES_BY_NAME["flux"].sizes(1024) == (4608, 4608)
+
+
+def test_flux_layer_saved_bytes_within_target():
+    counted = {name: attn_dit_tables._count(fn, torch.bfloat16, fake=True)
+               for name, fn in attn_dit_tables.ROWS.items()}
+    sdpa = counted["SDPA alone"]
+    assert sdpa == 4 * 24 * 4608 * 128 * 2 + 24 * 4608 * 4  # q, k, v, out (bf16) and lse (fp32)
+    assert counted["semfid subject op"] <= 1.1 * sdpa
+    assert counted["explicit joint maps"] > 24 * 4608 * 4608 * 2  # the joint softmax itself
+
+
+def test_modelled_cost_within_target():
+    rows = attn_dit_tables.modelled()
+    plain = rows["plain attention (FA2)"]
+    ours = rows["semfid subject op (design)"]
+    assert ours["flops"] <= 1.25 * plain["flops"] and ours["bytes"] <= 1.25 * plain["bytes"]
