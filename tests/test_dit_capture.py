@@ -130,3 +130,18 @@ def test_semfid_losses_work_on_dit_maps():
     for block in (model.transformer_blocks[0], model.single_transformer_blocks[1]):
         assert block.attn.to_q.weight.grad.abs().sum() > 0
     ctl.uninstall()
+
+
+def test_replaced_processor_is_named_at_block_entry():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Custom(JointAttnProcessor2_0):
+        pass
+
+    model = twin("sd3")
+    ctl = install(model)
+    name = ctl.layers[3]
+    model.get_submodule(name).set_processor(Custom())
+    with pytest.raises(RuntimeError, match=f"{name}.*Custom"):
+        with ctl.capture([1]):
+            pass
