@@ -79,7 +79,8 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     for cls in _supported_classes():
-        _wrap_init(cls)
+        if "__init__" in cls.__dict__:
+            _wrap_init(cls)
 
 
 def pytest_unconfigure(config) -> None:
