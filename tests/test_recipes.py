@@ -244,7 +244,8 @@ def test_a_shadowing_clone_is_named(tmp_path):
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "semfid", clone / "semfid", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     got = _python("import semfid", clone)
-    assert got.returncode == 0 and f"semfid is imported from {clone / 'semfid'}, which shadows the installed" in got.stderr
+    said = f"semfid is imported from {clone / 'semfid'}, which shadows the installed"
+    assert got.returncode == 0 and said in got.stderr, got.stderr
     # the folder holds a clone's root (no __init__.py): an empty namespace package
     (tmp_path / "outer" / "semfid").mkdir(parents=True)
     got = _python("semfid.info", tmp_path / "outer", module=True)
@@ -280,4 +281,4 @@ def test_checker_on_the_real_scripts(tmp_path):
     got = subprocess.run([sys.executable, "-m", "semfid.recipes.check", "--diffusers", DIFFUSERS, "--work",
                           str(tmp_path)], capture_output=True, text=True, timeout=3600)
     assert got.returncode == 0, got.stdout[-4000:] + got.stderr[-2000:]
-    assert "| FAIL |" not in got.stdout and got.stdout.count("| pass |") >= 20
+    assert "| FAIL |" not in got.stdout and "| recipe on | pass |" in got.stdout
