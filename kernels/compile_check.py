@@ -36,15 +36,9 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .compile_joint import JOINT_HEAD_DIMS, JOINT_MODES, joint_jobs  # noqa: E402
-
-SD_HEAD_DIMS = (40, 64, 80, 160, 256)  # SD1.5: 40/80/160; SDXL: 64; 256 = the kernels' limit
-NUM_KEYS = 77  # CLIP text tokens
-NUM_SELECTED = 2  # xattn kernels
-SUBJECT_SELECTED = (1, 16, 77)  # subject kernels: one token, a long list, every CLIP token
-# SD query counts (SD1.5 at 512 px: 4096/1024/256/64; SDXL at 1024 px: 4096/1024). Every bucket is
-# handed to the prune: the union of the configs it keeps is what the check compiles.
-QUERY_BUCKETS = (64, 256, 1024, 4096)
+from .compile_joint import JOINT_HEAD_DIMS, JOINT_MODES, joint_jobs
+from .compile_sd import (NUM_KEYS, NUM_SELECTED, QUERY_BUCKETS, SD_HEAD_DIMS, SD_HEADS, SUBJECT_SELECTED, _TYPES,
+                         subject_jobs)
 
 # flags per kernel mode
 FWD_MODES = {
@@ -60,27 +54,13 @@ BWD_MODES = {
 }
 
 
-# subject modes: (mean_heads, detach_reference, return_maps)
-SUBJECT_FWD_MODES = {
-    "subj_mean": (True, True, False),      # SeFi-IDE's training default
-    "subj_mapr": (True, False, True),      # reference gets gradients (lse_ref), maps returned
-}
-# Per-head subject maps (head_reduce="none") are refused on a GPU by semfid.backends.triton: their
-# backward spills at every tile tried (16-32 rows, 4-16 warps, sm_90 fp16 D=64: 8-1584 B), so
-# launches never reach those configs there and the check leaves them out.
-SUBJECT_BWD_MODES = {
-    "subj_mean": (True, True, False),
-    "subj_mapr": (True, False, True),      # dk_ref and the map gradient
-}
-
 #: Modes whose fp16/bf16 spills fail the check: the one-pass subject op with head-mean maps, the
 #: path SeFi-IDE training takes on every cross-attention layer. Other modes' spills are reported.
 GATED_MODES = ("subj_mean", "subj_mapr") + JOINT_MODES
 
-_TYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 _SIG_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32",
                "torch.int64": "i64"}
-SD_HEADS = {40: 8, 64: 10, 80: 8, 160: 8}  # heads per head dim in SD1.5 / SDXL (others: 4)
+
 
 
 def _specialize(fn, args: Sequence, constexprs: Dict[str, object], target):
@@ -128,65 +108,6 @@ def _sd_tensors(head_dim: int, dtype: str, mean: bool, with_v: bool, with_sel: b
         if with_sel else None
     out, lse, maps = importlib.import_module("semfid.kernels.xattn_fwd").allocate(q, k, v, select, mean)
     return q, k, v, bias, select, out, lse, maps
-
-
-def _subject_tensors(head_dim: int, dtype: str, num_queries: int, num_selected: int, mean: bool,
-                     detach: bool, maps: bool):
-    """Meta tensors of one SD subject-op launch (diffusers layouts, as :func:`_sd_tensors`) and
-    the forward outputs its launcher allocates."""
-    import torch
-
-    fwd = importlib.import_module("semfid.kernels.subject_fwd")
-    dt = getattr(torch, _TYPES[dtype].split(".")[1])
-    B, H, N, M, D = 2, SD_HEADS.get(head_dim, 4), num_queries, NUM_KEYS, head_dim
-    meta = dict(device="meta", dtype=dt)
-    q, k, v, k_ref = (torch.empty(B, n, H, D, **meta).transpose(1, 2) for n in (N, M, M, M))
-    bias = torch.empty(B, 1, M, device="meta").expand(B, H, M)
-    tokens = torch.empty(num_selected, device="meta", dtype=torch.int64).expand(B, num_selected)
-    block_m, warps = fwd.config(q, mean, num_selected)
-    outs = fwd.allocate(q, v, tokens, mean, detach, maps, block_m)
-    return (q, k, v, k_ref, bias, tokens), outs, (block_m, warps)
-
-
-def _subject_jobs(arch: int, dtype: str, d: int, quick: bool):
-    """The subject kernels' launches: their tiles are fixed per shape class (no autotuning), so
-    each (mode, S, query count) compiles exactly the config a launch runs."""
-    import torch
-
-    fwd = importlib.import_module("semfid.kernels.subject_fwd")
-    bwd = importlib.import_module("semfid.kernels.subject_bwd")
-    C = importlib.import_module("semfid.kernels._common")
-    fwd_modes = {"subj_mean": SUBJECT_FWD_MODES["subj_mean"]} if quick else SUBJECT_FWD_MODES
-    bwd_modes = {"subj_mean": SUBJECT_BWD_MODES["subj_mean"]} if quick else SUBJECT_BWD_MODES
-    for S in SUBJECT_SELECTED:
-        for mode, (mean, detach, maps) in fwd_modes.items():
-            seen = set()
-            for n in QUERY_BUCKETS:
-                (q, k, v, kr, bias, tok), outs, (bm, w) = _subject_tensors(d, dtype, n, S, mean, detach, maps)
-                if (bm, w) in seen:
-                    continue
-                seen.add((bm, w))
-                out, lse, lse_ref, mp, diff, part = outs
-                args, cx = fwd.launch_args(q, k, v, kr, bias, bias, tok, tok, None, d ** -0.5, mean,
-                                           detach, maps, out, lse, lse_ref, mp, diff, part, bm)
-                cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
-                yield (f"fwd sm_{arch} {dtype} D={d:<3} {mode:<9} S={S:<2} BLOCK_M={bm:<3} warps={w} "
-                       f"stages=1", fwd._subject_fwd_kernel, args, cx, w, 1, arch, d)
-        for mode, (mean, detach, maps) in bwd_modes.items():
-            (q, k, v, kr, bias, tok), outs, _ = _subject_tensors(d, dtype, max(QUERY_BUCKETS), S, mean,
-                                                                 detach, maps)
-            out, lse, lse_ref, mp, diff, _ = outs
-            bm, w = bwd.config(q, not detach or not mean, S)
-            splits, rows = C.backward_splits(q.shape[2], q.shape[0] * q.shape[1])
-            dout = torch.empty_like(out)
-            dloss = torch.empty(q.shape[0], device="meta")
-            dq, dk_part, dv_part, dkr_part = bwd.allocate(q, k, v, kr, splits, True, not detach)
-            args, cx = bwd.launch_args(q, k, v, kr, bias, bias, tok, tok, None, d ** -0.5, mean, detach,
-                                       lse, lse_ref, diff, dout, dloss, mp if maps else None, dq,
-                                       dk_part, dv_part, dkr_part, rows, bm)
-            cx["DOT_UPCAST"], cx["SPLIT_DOT"] = False, True
-            yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} S={S:<2} BLOCK_M={bm:<3} warps={w} "
-                   f"stages=1", bwd._subject_bwd_kernel, args, cx, w, 1, arch, d)
 
 
 def _sum_job(arch: int, dtype: str):
@@ -267,7 +188,7 @@ def _jobs(arches: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str]
                         yield (f"bwd sm_{arch} {dtype} D={d:<3} {mode:<9} BLOCK_M={bm:<3} warps={w} "
                                f"stages={st}", xattn_bwd._xattn_bwd_kernel, args, dict(cx, BLOCK_M=bm),
                                w, st, arch, d)
-                yield from _subject_jobs(arch, dtype, d, quick)
+                yield from subject_jobs(arch, dtype, d, quick)
             yield from joint_jobs(arch, dtype, joint_head_dims, quick)
 
 
@@ -431,9 +352,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m semfid.kernels.compile_check", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=ints, default=[80, 90], help="compute capabilities (default 80,90)")
-    p.add_argument("--head-dims", type=ints, default=list(SD_HEAD_DIMS))
-    p.add_argument("--joint-head-dims", type=ints, default=list(JOINT_HEAD_DIMS),
-                   help="head dims of the key-blocked (joint key set) kernels (default 64,72,128)")
+    p.add_argument("--head-dims", type=ints, default=None, help="SD head dims (default 40,64,80,160,256)")
+    p.add_argument("--joint-head-dims", type=ints, default=None,
+                   help="head dims of the key-blocked (joint key set) kernels (default 64,72,128; none "
+                        "when --head-dims is given)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
     p.add_argument("--quick", action="store_true", help="fp16-relevant modes only (target / out+maps)")
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -442,7 +364,12 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true",
                    help="fail on any fp16/bf16 spill, not only in the gated subject modes")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.joint_head_dims is None:
+        args.joint_head_dims = list(JOINT_HEAD_DIMS) if args.head_dims is None else []
+    if args.head_dims is None:
+        args.head_dims = list(SD_HEAD_DIMS)
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
