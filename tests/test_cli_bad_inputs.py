@@ -401,12 +401,17 @@ def test_written_files_share_one_mode(env):
 
 
 @pytest.mark.slow
-def test_resume_falls_back_past_a_corrupt_checkpoint_and_records_it(env, capsys):
-    run = _copy_run(env, "fallback")
+@pytest.mark.parametrize("corruption", ["truncated", "wrong-shape"])
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_records_it(env, capsys, corruption):
+    run = _copy_run(env, f"fallback-{corruption}")
     for f in (TOKENS_FILE, CONFIG_FILE):
         (run / f).unlink()
     newest = run / "checkpoints" / "step-000002" / "state.safetensors"
-    newest.write_bytes(newest.read_bytes()[:100])
+    if corruption == "truncated":
+        newest.write_bytes(newest.read_bytes()[:100])
+    else:  # readable, but a tensor does not fit the token module
+        _edit_tensors(newest, lambda t: {k: (v[..., :-1].contiguous() if k == "module.generators.0.slots" else v)
+                                         for k, v in t.items()})
     rc = train_main(_train(env, "--resume", "--steps", "3", "--checkpoint-every", "1", output=run))
     err = capsys.readouterr().err
     assert rc == 0, err

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,6 +20,11 @@ from .errors import SefiInputError
 from .files import PathLike, read_json, read_tensors, strip_prefix, write_json, write_tensors
 
 CHECKPOINTS_DIR = "checkpoints"
+
+
+class OptionsDiffer(SefiInputError):
+    """A sound checkpoint trained with other options: :func:`pick_checkpoint` does not pass over it
+    (every checkpoint of a run shares its options)."""
 
 
 @dataclass
@@ -118,11 +123,19 @@ def load_checkpoint(folder: PathLike) -> Checkpoint:
                       _unflatten_optimizer(tensors, meta["optimizer"]), tensors["rng"], meta.get("config", {}))
 
 
-def pick_checkpoint(output: PathLike, resume: Union[str, PathLike]) -> Tuple[Path, Checkpoint, List[str]]:
+def pick_checkpoint(output: PathLike, resume: Union[str, PathLike],
+                    fits: Optional[Callable[[Checkpoint, str], None]] = None) -> Tuple[Path, Checkpoint, List[str]]:
     r"""The checkpoint ``--resume`` names: ``"latest"`` or a checkpoint folder.
 
-    For ``"latest"`` the newest complete checkpoint under ``output`` that reads and fits its schema is
-    taken; newer ones that do not (a corrupt file) are skipped.
+    For ``"latest"`` the newest complete checkpoint under ``output`` that reads, fits its schema and
+    passes ``fits`` is taken; newer ones that do not (a corrupt file) are skipped.
+
+    Args:
+        output (`str` or `os.PathLike`): the training output folder.
+        resume (`str` or `os.PathLike`): ``"latest"`` or a checkpoint folder.
+        fits (`Callable[[Checkpoint, str], None]`, *optional*): raises :class:`SefiInputError` when a
+            checkpoint does not fit what it is loaded into (called with the folder), or
+            :class:`OptionsDiffer`, which is raised at once.
 
     Returns:
         ``(folder, checkpoint, skipped)``: ``skipped`` holds one line per checkpoint passed over.
@@ -130,18 +143,22 @@ def pick_checkpoint(output: PathLike, resume: Union[str, PathLike]) -> Tuple[Pat
     Raises:
         SefiInputError: no usable checkpoint (each reason is named).
     """
-    if str(resume) != "latest":
-        return Path(resume), load_checkpoint(resume), []
+    folders = [Path(resume)] if str(resume) != "latest" else list(reversed(complete_checkpoints(output)))
     skipped = []
-    for folder in reversed(complete_checkpoints(output)):
+    for folder in folders:
         try:
-            return folder, load_checkpoint(folder), skipped
+            checkpoint = load_checkpoint(folder)
+            if fits is not None:
+                fits(checkpoint, str(folder))
+            return folder, checkpoint, skipped
         except SefiInputError as exc:
+            if str(resume) != "latest" or isinstance(exc, OptionsDiffer):
+                raise
             skipped.append(f"skipped the corrupt checkpoint {folder.name} ({exc})")
     if skipped:
         raise SefiInputError(f"--resume: no readable checkpoint in {output}: {'; '.join(skipped)}")
     raise SefiInputError(f"--resume: {output} holds no checkpoint")
 
 
-__all__ = ["Checkpoint", "pick_checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
+__all__ = ["Checkpoint", "OptionsDiffer", "pick_checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "complete_checkpoints",
            "prune_checkpoints", "CHECKPOINTS_DIR"]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .batches import diffusion_target, random_crop
 from . import checks, schemas
-from .checkpoints import Checkpoint, latest_checkpoint, pick_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoints import (Checkpoint, OptionsDiffer, latest_checkpoint, pick_checkpoint, prune_checkpoints,
+                          save_checkpoint)
 from .config import TrainConfig
 from .errors import SefiDivergedError, SefiInputError
 from .images import load_images
@@ -232,19 +233,24 @@ class SefiTrainer:
         return folder
 
     def load_checkpoint(self, checkpoint: Checkpoint, where: str = "the checkpoint") -> None:
-        """Continue from a checkpoint of the same configuration (every tensor checked before loading)."""
-        want = self.resume_key()
-        diff = [k for k in want if k in checkpoint.config and checkpoint.config[k] != want[k]]
-        if diff:
-            shown = "; ".join(f"{_flag(k)} {_shown(checkpoint.config[k])} (now {_shown(want[k])})" for k in diff)
-            raise SefiInputError(f"--resume: {where} was trained with other {', '.join(map(_flag, diff))}: {shown}; "
-                                 "a resume cannot change them (give the same options, or a new --output)")
-        schemas.state_matches(self.token_module.state_dict(), checkpoint.module_state, where)
-        schemas.optimizer_matches(checkpoint.optimizer_state, self.optimizer, where)
+        """Continue from a checkpoint of the same configuration (checked by :meth:`check_fits` first)."""
+        self.check_fits(checkpoint, where)
         self.token_module.load_state_dict(checkpoint.module_state)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.generator.set_state(checkpoint.generator_state)
         self.step_count = self.resumed_from = checkpoint.step
+
+    def check_fits(self, checkpoint: Checkpoint, where: str = "the checkpoint") -> None:
+        """:class:`OptionsDiffer` if the checkpoint was trained with other :meth:`resume_key` values,
+        :class:`SefiInputError` unless its tensors fit the token module and the optimizer."""
+        want = self.resume_key()
+        diff = [k for k in want if k in checkpoint.config and checkpoint.config[k] != want[k]]
+        if diff:
+            shown = "; ".join(f"{_flag(k)} {_shown(checkpoint.config[k])} (now {_shown(want[k])})" for k in diff)
+            raise OptionsDiffer(f"--resume: {where} was trained with other {', '.join(map(_flag, diff))}: {shown}; "
+                                "a resume cannot change them (give the same options, or a new --output)")
+        schemas.state_matches(self.token_module.state_dict(), checkpoint.module_state, where)
+        schemas.optimizer_matches(checkpoint.optimizer_state, self.optimizer, where)
 
     def resume_key(self) -> dict:
         """What must not change across a resume: the options that shape the run and the images."""
@@ -331,14 +337,8 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
     pil_images = load_images(images)
     kind = detect_kind(model)
     checks.not_a_word("--placeholder", config.placeholder, load_tokenizers(model))
-    checkpoint, checkpoint_folder = None, None
-    if resume is not None:
-        checkpoint_folder, checkpoint, skipped = pick_checkpoint(output, resume)
-        for line in skipped:
-            print(f"semfid-train: warning: {line}; resuming from {checkpoint_folder.name}", file=sys.stderr)
-        if checkpoint.step > config.steps:
-            raise SefiInputError(f"--steps {config.steps} is below the step of the checkpoint it resumes "
-                                 f"({checkpoint.step}, {checkpoint_folder}); give --steps >= {checkpoint.step}")
+    if resume is not None and str(resume) == "latest" and latest_checkpoint(output) is None:
+        raise SefiInputError(f"--resume: {output} holds no checkpoint")
 
     config.mixed_precision = _pick_mixed_precision(config.mixed_precision)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -354,8 +354,14 @@ def train(model: PathLike, images: Sequence[PathLike], output: PathLike, *,
                              f"({num_train_timesteps})")
     trainer = SefiTrainer(components, pil_images, config, accelerator)
     try:
-        if checkpoint is not None:
-            trainer.load_checkpoint(checkpoint, str(checkpoint_folder))
+        if resume is not None:
+            folder, checkpoint, skipped = pick_checkpoint(output, resume, trainer.check_fits)
+            for line in skipped:
+                print(f"semfid-train: warning: {line}; resuming from {folder.name}", file=sys.stderr)
+            if checkpoint.step > config.steps:
+                raise SefiInputError(f"--steps {config.steps} is below the step of the checkpoint it resumes "
+                                     f"({checkpoint.step}, {folder}); give --steps >= {checkpoint.step}")
+            trainer.load_checkpoint(checkpoint, str(folder))
         result = TrainResult(output)
         bar = tqdm(total=config.steps, initial=trainer.step_count, desc="semfid-train", dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))
