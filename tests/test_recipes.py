@@ -191,6 +191,7 @@ def _step(recipe, pipe, prompts):
     return loss, recipe.add_loss(loss)
 
 
+@pytest.mark.slow
 def test_the_batch_identifier_is_checked_and_the_loss_reaches_to_k(tiny_sd15):
     pipe = tiny_sd15
     recipe = SemfidRecipe(pipe.unet, _args(with_prior_preservation=True, semfid_weight=0.5), pipe.tokenizer)
