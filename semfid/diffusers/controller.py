@@ -396,17 +396,22 @@ class SemfidController:
 
 
 def install(unet: torch.nn.Module, layers: LayerFilter = None) -> SemfidController:
-    r"""Replace every attention processor of ``unet`` with :class:`SemfidAttnProcessor`.
+    r"""Replace every attention processor of ``unet`` with semfid's processor of its model family.
 
-    With no ``with`` block active the UNet computes what it computed before (``AttnProcessor2_0``
-    math, SDPA kernels). ``uninstall()`` puts back the very same processor objects.
+    With no ``with`` block active the model computes what it computed before (the stock processor's
+    math and kernels). ``uninstall()`` puts back the very same processor objects.
 
     Args:
-        unet (`UNet2DConditionModel`): SD1.5, SDXL or any UNet built from diffusers' legacy
-            ``Attention`` blocks, with ``AttnProcessor2_0`` / ``AttnProcessor`` processors.
-        layers (*optional*): which cross-attention (attn2) layers may capture / compute the loss:
+        unet: a ``UNet2DConditionModel`` (SD1.5, SDXL, or any UNet built from diffusers' legacy
+            ``Attention`` blocks, with ``AttnProcessor2_0`` / ``AttnProcessor`` processors), an
+            ``SD3Transformer2DModel`` (SD3 / SD3.5), a ``FluxTransformer2DModel`` or a
+            ``PixArtTransformer2DModel`` (:mod:`semfid.diffusers.families`). Anything else raises an
+            error naming these.
+        layers (*optional*): which layers whose keys include the text (UNet / PixArt ``attn2``, SD3
+            joint ``attn``, Flux double- and single-stream ``attn``) may capture / compute the loss:
             ``None`` (all), a name, a list of names (``"down_blocks.1.attentions.0.
-            transformer_blocks.0.attn2"``) or a predicate on the name.
+            transformer_blocks.0.attn2"``, ``"single_transformer_blocks.3.attn"``) or a predicate on
+            the name.
 
     Returns:
         :class:`SemfidController`
