@@ -40,15 +40,26 @@ Limits:
 * Wrapping the *whole* UNet call in ``torch.utils.checkpoint`` (instead of
   ``unet.enable_gradient_checkpointing()``) re-runs the hook during backward, outside the block:
   don't.
-* ``torch.compile`` (checked with torch 2.13, ``backend="aot_eager"``): with no block active a
-  compiled UNet with semfid processors is one graph with no breaks (the processors run SDPA). With
-  a block active, Dynamo traces the pre-hook and the per-call state (no break there: the token
-  range check uses Python ints stored at block entry) but guards on that state, so new requests
-  recompile; and each cross-attention layer that records maps currently graph-breaks inside
-  :mod:`semfid.ops`' backend selection (``semfid.backends.cuda.unavailable_reason`` →
-  ``importlib.import_module``), which also splits the surrounding diffusers frames and makes the
-  processor frame recompile per layer until ``torch._dynamo.config.recompile_limit`` is hit (then
-  that frame runs eagerly). Results stay correct; the fused custom ops themselves trace cleanly.
+* ``torch.compile`` (torch 2.14; ``tests/test_compile_blocks.py``): the pre-hook and the processors
+  trace into the model's graph with no break, so ``torch.compile(unet, fullgraph=True)`` works
+  with a block active. A call reads from its blocks only tensors (token indices, loss weights,
+  reference / value states, masks: guarded on shape, dtype and device) and static values
+  (:mod:`.requests`), and results leave through plain dicts the recorder reads afterwards, so a
+  compiled model compiles once per *shape class*: not again when every training step opens a new
+  block with new reference states, a new token list of the same length or a new mask, nor per
+  call of a sampling loop inside one ``capture`` block. What does compile a new graph (each a
+  change of the traced program or of its shapes): another number of tokens S (or other per-row
+  lengths of ragged lists), another set of layers, ``head_reduce`` or ``keep_maps``, a reference
+  mask / value states / per-layer dicts given where they were not, another set of nested blocks,
+  another batch size, text length M or M_ref, latent size, dtype, device or grad mode, and a new
+  controller (``install``). Dynamo's automatic dynamic shapes may turn a size that changed into a
+  symbol after its first recompile. Traced, a token list cannot be range-checked before the call:
+  its indices are clamped to M - 1 in the graph and the ``ValueError`` comes when the block exits
+  (or the recorder is read). A compiled sampling loop under ``capture(accumulate="mean")`` keeps
+  each call's maps until the recorder is read (an eager one folds them at every call). With
+  gradient checkpointing, Dynamo refuses side effects inside ``torch.utils.checkpoint`` unless
+  ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True``: set it, since
+  semfid records in the forward only (an eager recompute records nothing either).
 """
 
 from __future__ import annotations

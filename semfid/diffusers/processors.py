@@ -23,8 +23,9 @@ puts into ``cross_attention_kwargs`` under the key ``semfid_call`` (a named para
 call, gradient checkpointing's recompute during backward sees exactly what the forward saw, even
 after the ``with`` block has exited.
 
-``torch.compile``: the SDPA path has no graph break; a layer that records maps breaks the graph in
-semfid's backend selection (see :mod:`semfid.diffusers.controller`, "Limits").
+``torch.compile``: no graph break on either path, and nothing read from ``semfid_call`` is guarded
+on by identity or per-step value, so a compiled model does not recompile when a new block brings
+new tensors (see :mod:`semfid.diffusers.controller`, "Limits").
 """
 
 from __future__ import annotations
