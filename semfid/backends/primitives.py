@@ -123,14 +123,17 @@ class Blocked:
         return dq.mul_(scale), dk, dvv  # qc carried the scale: dk is whole
 
 
+def fused_attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Result:
+    """``attend`` through PyTorch's fused kernel of the device (:func:`semfid.backends.sdpa.attend`)."""
+    if k.shape[2] == 0:
+        return _empty_keys(q, v.shape[-1])
+    return sdpa_attend(q, k, v, bias, scale)
+
+
 class FusedCpu:
     """PyTorch's fused CPU flash-attention forward and backward (module docstring)."""
 
-    @staticmethod
-    def attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Result:
-        if k.shape[2] == 0:
-            return _empty_keys(q, v.shape[-1])
-        return sdpa_attend(q, k, v, bias, scale)
+    attend = staticmethod(fused_attend)
 
     @staticmethod
     def attend_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
@@ -152,7 +155,7 @@ class FusedCpu:
 class SdpaRecompute:
     """The ``sdpa`` backend's forward; backward through PyTorch's autograd of a recomputation."""
 
-    attend = staticmethod(FusedCpu.attend)
+    attend = staticmethod(fused_attend)
 
     @staticmethod
     def attend_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
