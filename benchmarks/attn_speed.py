@@ -23,8 +23,9 @@ timed; a compiled baseline declares its compile budget), ``attn_gate`` (the refe
     python benchmarks/attn_speed.py --cases sd15_64 --modes subject_fwd_bwd --impl semfid eager
 
 Then the diffusion-transformer cases (:mod:`attn_dit`: Flux, SD3 and PixArt-Σ layers, the subject
-loss over joint key sets, at 512 px with ``--quick`` / on a CPU, 1024 px on a GPU; ``--no-dit``
-skips them, ``--dit-only`` runs only them).
+loss over joint key sets, at 512 px with ``--quick`` / on a CPU, 1024 px on a GPU), unless
+``--cases`` / ``--impl`` name SD cases or implementations or ``--no-dit`` is given; ``--dit-only``
+runs only them).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, previous_handler)
     print(report(results, skipped, [i.name for i in impls], args.modes, device, dtype, path))
     print(f"\n{len(results)} measurements in {time.perf_counter() - t0:.1f} s; {load_average()} at the end")
-    if not args.no_dit:
+    if not args.no_dit and args.cases is None and args.impl is None:
         run_dit(device, dtype, quick, budget_s)
 
     if args.json:
