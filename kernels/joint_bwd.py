@@ -239,8 +239,10 @@ def launches(q, k, v, bias, tokens, scale, map_range, lse, out, dout, dmaps, dq,
         dloss.stride(0) if has_dloss else 0, *dmap_strides, *g_strides,
         H, N, M, M_ref, S, map_range[0], map_range[1], seg[0], seg[1],
         float(scale), 2.0 / (max(n_map, 1) * (1 if mean_heads else H)), 1.0 / H if mean_heads else 1.0,
-    ), dict(common, HAS_DO=has_do, HAS_DMAPS=has_dmaps, HAS_DLOSS=has_dloss, HAS_REF=has_ref,
-            MEAN_DIFF=bool(mean_heads and has_dloss), REF_GRAD=ref_grad, HAS_W=weights is not None,
+    ), dict(common, BLOCK_S=16, HAS_DO=has_do, HAS_DMAPS=has_dmaps,
+            HAS_DLOSS=has_dloss, HAS_REF=has_ref,
+            MEAN_DIFF=bool(mean_heads and has_dloss), REF_GRAD=ref_grad,
+            NEED_AR=has_ref and (ref_grad or (has_dloss and not mean_heads)), HAS_W=weights is not None,
             HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), warps)
     flags = dict(common, BLOCK_N=block_n, BLOCK_SC=min(select_block(S), SCATTER_CHUNK), HAS_DO=has_do,
                  HAS_G=has_g, REF_GRAD=ref_grad, SPLIT_DOT=split)

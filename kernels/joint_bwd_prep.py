@@ -36,7 +36,8 @@ def _joint_bwd_prep_kernel(
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_DO: tl.constexpr, HAS_DMAPS: tl.constexpr, HAS_DLOSS: tl.constexpr, HAS_REF: tl.constexpr,
-    MEAN_DIFF: tl.constexpr, REF_GRAD: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MEAN_DIFF: tl.constexpr, REF_GRAD: tl.constexpr, NEED_AR: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_RBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Per-row backward terms of one BLOCK_M tile of one head.
@@ -48,8 +49,10 @@ def _joint_bwd_prep_kernel(
         DELTA[m]  = Σ_d dO[m, d]·O[m, d] + Σ_j A_t[m, j]·G_t[m, j]
         DELTAR[m] = Σ_j A_r[m, j]·G_r[m, j]     (REF_GRAD; 0 outside the map rows)
 
+    A_r is recomputed when NEED_AR (the reference's gradient, or per-head maps with a loss).
     ``head_share`` is 1/H for head-mean maps. Grid ``(cdiv(N_Q, BLOCK_M), B * H)``; GT / GR
-    [B, H, N_map, S] fp32 are written for the map rows. Every load and store is masked.
+    [B, H, N_map, S] fp32 are written for the map rows, BLOCK_S columns at a time. Every load and
+    store is masked.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,12 +60,9 @@ def _joint_bwd_prep_kernel(
     off_h = tl.cast(pid_bh % H, tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
     m_mask = offs_m < N_Q
     d_mask = offs_d < HEAD_DIM
-    s_mask = offs_s < NUM_SEL
     in_map = m_mask & (offs_m >= MAP_START) & (offs_m < MAP_STOP)
-    map_mask = in_map[:, None] & s_mask[None, :]
     lse_off = off_b * stride_lseb + off_h * stride_lseh + offs_m * stride_lsem
 
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,50 +80,65 @@ def _joint_bwd_prep_kernel(
                     + offs_d[None, :] * stride_qd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         k_ptr = K + off_b * stride_kb + off_h * stride_kh
         bias_ptr = BIAS + off_b * stride_biasb + off_h * stride_biash
-        tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=0).to(tl.int64)
-        s_t = gather_logits(q, k_ptr, stride_kn, stride_kd, bias_ptr, stride_biasn, tok, s_mask,
-                            offs_d, d_mask, sm_scale, HAS_BIAS, DOT_PRECISION, DOT_UPCAST)
         lse = tl.load(LSE + lse_off, mask=in_map, other=float("inf"))
-        a_t = tl.where(map_mask, tl.math.exp2((s_t - lse[:, None]) * LOG2E), 0.0)
-        if HAS_REF and (REF_GRAD or (HAS_DLOSS and not MEAN_DIFF)):
-            rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask, other=-1).to(tl.int64)
-            rt_k, rt_r = ref_token_positions(rtok, s_mask, SEG_START, SEG_STOP, N_REF)
-            s_rk = gather_logits(q, k_ptr, stride_kn, stride_kd, bias_ptr, stride_biasn, rt_k, rt_k >= 0,
-                                 offs_d, d_mask, sm_scale, HAS_BIAS, DOT_PRECISION, DOT_UPCAST)
-            s_rr = gather_logits(q, KR + off_b * stride_krb + off_h * stride_krh, stride_krn, stride_krd,
-                                 RBIAS + off_b * stride_rbiasb + off_h * stride_rbiash, stride_rbiasn,
-                                 rt_r, rt_r >= 0, offs_d, d_mask, sm_scale, HAS_RBIAS, DOT_PRECISION,
-                                 DOT_UPCAST)
-            s_r = tl.where((rt_r >= 0)[None, :], s_rr, s_rk)
+        lse_r = tl.full([BLOCK_M], float("inf"), tl.float32)
+        if NEED_AR:
             lse_r = tl.load(LSER + lse_off, mask=in_map, other=float("inf"))
-            a_r = tl.where(map_mask, tl.math.exp2((s_r - lse_r[:, None]) * LOG2E), 0.0)
-        g_t = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-        g_r = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
-        if HAS_DLOSS:
-            # c·w per column as a vector (DLOSS[b] loaded into every lane: no scalar load).
-            cw = tl.load(DLOSS + off_b * stride_dlb + offs_s * 0).to(tl.float32) * grad_scale
-            if HAS_W:
-                cw = cw * tl.load(W + off_b * stride_wb + offs_s * stride_ws, mask=s_mask, other=0.0).to(tl.float32)
-            else:
-                cw = cw / NUM_SEL
-            cw = tl.where(s_mask, cw, 0.0)
-            if MEAN_DIFF:
-                d = tl.load(DIFF + off_b * stride_diffb + (offs_m - MAP_START)[:, None] * stride_diffm
-                            + offs_s[None, :] * stride_diffs, mask=map_mask, other=0.0)
-            else:
-                d = a_t - a_r
-            g_t = cw[None, :] * d
-            g_r = -g_t
-        if HAS_DMAPS:
-            g_t += tl.load(DMAPS + off_b * stride_gmb + off_h * stride_gmh + (offs_m - MAP_START)[:, None]
-                           * stride_gmm + offs_s[None, :] * stride_gms, mask=map_mask, other=0.0).to(tl.float32)
-        g_t = g_t * head_share
-        g_r = g_r * head_share
-        g_off = (off_b * stride_gb + off_h * stride_gh + (offs_m - MAP_START)[:, None] * stride_gm
-                 + offs_s[None, :] * stride_gs)
-        tl.store(GT + g_off, g_t, mask=map_mask)
-        delta += tl.sum(a_t * g_t, axis=1)
+        delta_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # The selected columns in chunks of BLOCK_S (16, the launcher's): no [BLOCK_M, S] tile of
+        # all S = 77 columns and their gathered [S, BLOCK_D] key rows is live at once (32-column
+        # chunks still spilled 136-160 B at head dim 72 with the reference, sm_80 / sm_90).
+        for s0 in range(0, NUM_SEL, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < NUM_SEL
+            map_mask = in_map[:, None] & s_mask[None, :]
+            tok = tl.load(TOK + off_b * stride_tokb + offs_s * stride_toks, mask=s_mask, other=0).to(tl.int64)
+            s_t = gather_logits(q, k_ptr, stride_kn, stride_kd, bias_ptr, stride_biasn, tok, s_mask,
+                                offs_d, d_mask, sm_scale, HAS_BIAS, DOT_PRECISION, DOT_UPCAST)
+            a_t = tl.where(map_mask, tl.math.exp2((s_t - lse[:, None]) * LOG2E), 0.0)
+            if NEED_AR:
+                rtok = tl.load(RTOK + off_b * stride_rtokb + offs_s * stride_rtoks, mask=s_mask,
+                               other=-1).to(tl.int64)
+                rt_k, rt_r = ref_token_positions(rtok, s_mask, SEG_START, SEG_STOP, N_REF)
+                s_rk = gather_logits(q, k_ptr, stride_kn, stride_kd, bias_ptr, stride_biasn, rt_k, rt_k >= 0,
+                                     offs_d, d_mask, sm_scale, HAS_BIAS, DOT_PRECISION, DOT_UPCAST)
+                s_rr = gather_logits(q, KR + off_b * stride_krb + off_h * stride_krh, stride_krn, stride_krd,
+                                     RBIAS + off_b * stride_rbiasb + off_h * stride_rbiash, stride_rbiasn,
+                                     rt_r, rt_r >= 0, offs_d, d_mask, sm_scale, HAS_RBIAS, DOT_PRECISION,
+                                     DOT_UPCAST)
+                s_r = tl.where((rt_r >= 0)[None, :], s_rr, s_rk)
+                a_r = tl.where(map_mask, tl.math.exp2((s_r - lse_r[:, None]) * LOG2E), 0.0)
+            g_t = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+            g_r = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+            if HAS_DLOSS:
+                # c·w per column as a vector (DLOSS[b] loaded into every lane: no scalar load).
+                cw = tl.load(DLOSS + off_b * stride_dlb + offs_s * 0).to(tl.float32) * grad_scale
+                if HAS_W:
+                    cw = cw * tl.load(W + off_b * stride_wb + offs_s * stride_ws, mask=s_mask,
+                                      other=0.0).to(tl.float32)
+                else:
+                    cw = cw / NUM_SEL
+                cw = tl.where(s_mask, cw, 0.0)
+                if MEAN_DIFF:
+                    d = tl.load(DIFF + off_b * stride_diffb + (offs_m - MAP_START)[:, None] * stride_diffm
+                                + offs_s[None, :] * stride_diffs, mask=map_mask, other=0.0)
+                else:
+                    d = a_t - a_r
+                g_t = cw[None, :] * d
+                g_r = -g_t
+            if HAS_DMAPS:
+                g_t += tl.load(DMAPS + off_b * stride_gmb + off_h * stride_gmh + (offs_m - MAP_START)[:, None]
+                               * stride_gmm + offs_s[None, :] * stride_gms, mask=map_mask,
+                               other=0.0).to(tl.float32)
+            g_t = g_t * head_share
+            g_off = (off_b * stride_gb + off_h * stride_gh + (offs_m - MAP_START)[:, None] * stride_gm
+                     + offs_s[None, :] * stride_gs)
+            tl.store(GT + g_off, g_t, mask=map_mask)
+            delta += tl.sum(a_t * g_t, axis=1)
+            if REF_GRAD:
+                g_r = g_r * head_share
+                tl.store(GR + g_off, g_r, mask=map_mask)
+                delta_r += tl.sum(a_r * g_r, axis=1)
         if REF_GRAD:
-            tl.store(GR + g_off, g_r, mask=map_mask)
-            tl.store(DELTAR + lse_off, tl.sum(a_r * g_r, axis=1), mask=m_mask)
+            tl.store(DELTAR + lse_off, delta_r, mask=m_mask)
     tl.store(DELTA + lse_off, delta, mask=m_mask)
