@@ -165,19 +165,21 @@ def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
     fp16/bf16: 64 x 64 with 4 warps (flash attention's forward tile for head dims <= 128); the
     backward and launches carrying > 32 selected columns (S = 77: three [BLOCK_M, 128] fp32
     column accumulators with a reference) take 32-row tiles, and a backward with > 32 columns
-32-key blocks (its one-hot scatter matrices are [BLOCK_S, BLOCK_N]); 8 warps for those and for
-head dims > 64 in the backward or with a reference (4 spilled 24-96 B on sm_80 at D=64, S=77). fp32 (exact-fp32 dots on FMA units,
+32-key blocks (its one-hot scatter matrices are [BLOCK_S, BLOCK_N]) and, with the reference's
+gradient, 16-row tiles (32 spilled 8 B at head dim 72 on sm_80). 8 warps for every backward
+(4 spilled 8 B at head dim 64 on sm_90), for > 32 columns and for head dims > 64 with a
+reference (4 spilled 24-96 B on sm_80 at head dim 64, S = 77). fp32 (exact-fp32 dots on FMA units,
     operands in registers) 32 x 32. ``python -m semfid.info --compile-check`` compiles each."""
     if interpreting():
         return INTERPRETER_TILES
     if dtype == torch.float32:
         return 32, 32, 4
-    block_m = 64
-    if backward or triton.next_power_of_2(max(1, num_selected)) > 32:
-        block_m = 32
     wide = triton.next_power_of_2(max(1, num_selected)) > 32
+    block_m = 64
+    if backward or wide:
+        block_m = 16 if (backward and wide and ref) else 32
     block_n = 32 if (backward and wide) else 64
-    warps = 8 if (wide or (head_dim > 64 and (backward or ref))) else 4
+    warps = 8 if (backward or wide or (head_dim > 64 and ref)) else 4
     return block_m, block_n, warps
 
 
