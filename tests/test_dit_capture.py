@@ -74,6 +74,7 @@ def test_stock_output_and_maps_match_explicit_softmax(family):
     ctl.uninstall()
 
 
+@pytest.mark.slow
 def test_flux_single_and_double_blocks_and_the_attention_backend():
     model = twin("flux")
     model.set_attention_backend("_native_math")  # before install: kept by semfid's processors
@@ -115,6 +116,7 @@ def test_sd3_refuses_processors_it_cannot_reproduce():
         install(model)
 
 
+@pytest.mark.slow
 def test_semfid_losses_work_on_dit_maps():
     from semfid.losses import balanced_l1_loss, mask_mse_loss, max_attention_loss
 
