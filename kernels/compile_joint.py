@@ -69,7 +69,7 @@ def joint_jobs(arch: int, dtype: str, head_dims: Sequence[int], quick: bool) -> 
                 detach = mode != "joint_subj_ref"
                 mean = mode != "joint_subj_ref"  # per-head maps with the reference's gradient
                 val = None if mode == "joint_maps" else v
-                out, lse = fwd.allocate(q, val, rows[1] - rows[0])
+                out, lse = fwd.allocate(q, val)
                 a_t = torch.empty(B, H, rows[1] - rows[0], S, device="meta")
                 lse_ref = torch.empty_like(lse) if not (mean and detach) else lse.new_empty(0)
                 ref = dict(k_ref=k_ref, ref_bias=ref_bias, ref_tokens=tok, segment=seg) if subject else {}

@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, device_guard
+from ._common import LOG2E, device_guard, select_block
 from ._joint import (any_token_in, block_logits, carry_columns, dim_block, online_update, ref_token_positions,
                      row_stats, shifted, strides_or_zeros, tiles)
-from ._common import select_block
 from ._utils import dot_precision, dot_upcast, interpreting
 
 
@@ -261,7 +260,7 @@ def _per_head_maps(q, num_map_rows: int, S: int) -> torch.Tensor:
     return torch.empty(B, H, num_map_rows, S, dtype=torch.float32, device=q.device)
 
 
-def allocate(q, v, map_rows: int):
+def allocate(q, v):
     """out [B, H, N, Dv] over [B, N, H, Dv] memory (empty when v is None) and lse [B, H, N] fp32."""
     B, H, N, _ = q.shape
     out = (torch.empty(B, N, H, v.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -277,7 +276,7 @@ def joint_xattn_fwd(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
 
     q [B, H, N, D], k/v [B, H, M, D/Dv] (v None: maps only), bias [B, H, M] fp32 or None, select
     [B, S] int64 or None; any strides with unit last stride for k/v. One launch (+ a head mean)."""
-    out, lse = allocate(q, v, map_stop - map_start)
+    out, lse = allocate(q, v)
     n_map, S = map_stop - map_start, (select.shape[1] if select is not None else 0)
     a_t = _per_head_maps(q, n_map, S) if select is not None else lse.new_empty(0)
     _run(*launch(q, k, v, bias, select, scale, (map_start, map_stop), out, lse, a_t), q)
@@ -309,7 +308,7 @@ def joint_subject_fwd(q, k, v, k_ref, bias, ref_bias, tokens, ref_tokens, weight
     index that sequence). lse_ref [B, H, N] (+inf outside the map rows) unless the reference is
     detached with head-mean maps; diff [B, N_map, S] with mean_heads, else empty (the backward
     recomputes per-head maps). An empty map range gives a NaN loss (the mean over no queries)."""
-    out, lse = allocate(q, v, map_stop - map_start)
+    out, lse = allocate(q, v)
     n_map, S = map_stop - map_start, tokens.shape[1]
     lse_ref = lse.new_empty(0) if (mean_heads and detach_reference) else torch.empty_like(lse)
     a_t, a_r = _per_head_maps(q, n_map, S), _per_head_maps(q, n_map, S)

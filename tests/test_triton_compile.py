@@ -246,7 +246,7 @@ def test_key_blocked_grids_fill_132_sms_on_a_flux_layer():
     bwd = importlib.import_module("semfid.kernels.joint_bwd")
     q, k, v, k_ref, bias, ref_bias, tok = _flux_layer()
     rows, seg = (512, 4608), (0, 512)
-    out, lse = fwd.allocate(q, v, rows[1] - rows[0])
+    out, lse = fwd.allocate(q, v)
     a_t = torch.empty(1, 24, rows[1] - rows[0], 4, device="meta")
     _, _, grid, _ = fwd.launch(q, k, v, bias, tok, 0.1, rows, out, lse, a_t, k_ref, ref_bias, tok, seg,
                                torch.empty_like(lse), a_t)
