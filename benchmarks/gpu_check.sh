@@ -15,7 +15,8 @@
 #      cuda_tests     its tests, and the op suites against backend=cuda
 #   6. memcheck, racecheck   compute-sanitizer on benchmarks/sanitizer_case.py (N=130, M=77, every head dim)
 #   7. attn_speed     the timing table (every SD1.5/SDXL cross-attention shape, batch 2 and 8, fp16)
-#   8. train_step     only where diffusers is importable (not in the GPU image)
+#   8. train_step     only where diffusers is importable (not in the GPU image); GPU_CHECK_COMPILE=1 adds
+#                     the torch.compile'd steps (modes default and reduce-overhead), recompiles counted
 #   9. summary        $OUT/summary.txt, and the verdict file to commit
 #
 # GPU image: Python 3.12, torch 2.11 (cu130), triton 3.6, no diffusers, no network: nothing here
@@ -186,8 +187,11 @@ fi
 if [[ -n "$DRY" ]]; then
     skip_step train_step "dry run: needs CUDA" $PY benchmarks/train_step.py --device cuda --size full
 elif $PY -c 'import diffusers' >/dev/null 2>&1; then
-    run_step train_step 120 $PY benchmarks/train_step.py --device cuda --size full --dtype bfloat16 \
-        --batch 2 --steps 4 --warmup 1 --json "$OUT_DIR/train_step.json"
+    # GPU_CHECK_COMPILE=1: also the compiled steps (inductor default, reduce-overhead = CUDA graphs;
+    # compiling the full-size UNets takes minutes, so the step gets 15 minutes then)
+    run_step train_step "$([[ -n "${GPU_CHECK_COMPILE:-}" ]] && echo 900 || echo 120)" $PY benchmarks/train_step.py --device cuda --size full --dtype bfloat16 \
+        --batch 2 --steps 4 --warmup 1 --json "$OUT_DIR/train_step.json" \
+        ${GPU_CHECK_COMPILE:+--compile-modes eager default reduce-overhead}
 else
     skip_step train_step "diffusers is not installed here"
 fi

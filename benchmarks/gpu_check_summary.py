@@ -47,9 +47,10 @@ def train_lines(rows: List[dict]) -> List[str]:
     lines = ["\ntrain_step (ms per step, loss cost over the no-loss floor):"]
     for r in rows:
         over = r.get("overhead_vs_floor_pct")
+        compiled = f" compile={r['compile']} recompiles={r['recompiles']}" if r.get("compile") else ""
         lines.append(f"  {r['model']:5} {r['res']:>5}px B={r['batch']} {r['variant']:9} {r['ms_median']:9.1f} ms  "
                      f"peak {r.get('peak_mib') or 0:8.0f} MiB  "
-                     + ("" if over is None or r["variant"] == "floor" else f"{over:+.1f}%"))
+                     + ("" if over is None or r["variant"] == "floor" else f"{over:+.1f}%") + compiled)
     return lines
 
 

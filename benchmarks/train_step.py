@@ -12,15 +12,23 @@ Three ways of running the same step:
 Reported: step time (median ± IQR), peak GPU memory, and the cost of the loss over the floor, as a
 ratio of medians and paired (the median over rounds of step / the floor's step in the same round).
 SD1.5 and SDXL; on CPU their structural twins (same layout, tiny widths) by default, on GPU the
-full-size configs with random weights at 512 / 1024 px.
+full-size configs with random weights at 512 / 1024 px. Every round draws new reference states and
+a new token list (same length), as a training loop does.
+
+``--compile``: each variant gets its own copy of the UNet, set up once and wrapped in
+``torch.compile(unet, fullgraph=True, mode=...)`` (``default``; on a GPU also ``reduce-overhead``,
+CUDA graphs); the table adds how many graphs Dynamo compiled after each variant's first step
+(``recompiles``: 0 is the goal — a training loop must not recompile when only tensor values change).
 
     python benchmarks/train_step.py                       # CPU: twins; GPU: full size, bf16
     python benchmarks/train_step.py --models sd15 --size full --res 256 --steps 3
+    python benchmarks/train_step.py --compile             # compiled floor / explicit / semfid
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -189,14 +197,28 @@ def _denoise_loss(unet, x: StepInputs) -> torch.Tensor:
 
 
 class Variant:
-    """Sets its processors on the UNet (``setup``), runs one step, undoes itself (``teardown``)."""
+    """Sets its processors on the UNet (``setup``), runs one step, undoes itself (``teardown``).
 
-    def __init__(self, name: str, unet):
+    With ``compile_mode`` it owns a copy of the UNet instead, set up once and compiled
+    (``torch.compile(copy, fullgraph=True, mode=compile_mode)``); setup / teardown do nothing then.
+    """
+
+    def __init__(self, name: str, unet, compile_mode: Optional[str] = None):
         self.name, self.unet = name, unet
         self.ctl = None
         self.store = MapStore()
+        self.compile_mode = compile_mode
+        self.model = unet
+        if compile_mode is not None:
+            self.unet = copy.deepcopy(unet)
+            self._setup()
+            self.model = torch.compile(self.unet, fullgraph=True, mode=compile_mode)
 
     def setup(self) -> None:
+        if self.compile_mode is None:
+            self._setup()
+
+    def _setup(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.unet.set_attn_processor(AttnProcessor2_0())
@@ -213,6 +235,10 @@ class Variant:
             self.unet.set_attn_processor(procs)
 
     def teardown(self) -> None:
+        if self.compile_mode is None:
+            self.close()
+
+    def close(self) -> None:
         if self.ctl is not None:
             self.ctl.uninstall()
             self.ctl = None
@@ -225,26 +251,39 @@ class Variant:
         attn_loss = None
         if self.name == "semfid":
             with self.ctl.subject_loss(x.reference_states, x.tokens) as rec:
-                denoise = _denoise_loss(self.unet, x)
+                denoise = _denoise_loss(self.model, x)
             attn_loss = rec.loss
         elif self.name == "explicit":
             self.store.tokens, self.store.reference_states = x.tokens, x.reference_states
             self.store.maps.clear()
             try:
-                denoise = _denoise_loss(self.unet, x)
+                denoise = _denoise_loss(self.model, x)
             finally:
                 self.store.tokens = self.store.reference_states = None
             attn_loss = self.store.loss()
             self.store.maps.clear()
         else:
-            denoise = _denoise_loss(self.unet, x)
+            denoise = _denoise_loss(self.model, x)
         total = denoise if attn_loss is None else denoise + LOSS_WEIGHT * attn_loss.mean()
         (grad,) = torch.autograd.grad(total, x.key_states)
         return (None if attn_loss is None else attn_loss.detach()), grad
 
 
+def refresh_step_values(x: StepInputs, gen: torch.Generator) -> None:
+    """New reference states and a new token list of the same length, as each training step has."""
+    x.reference_states = torch.randn(x.reference_states.shape, generator=gen).to(x.reference_states)
+    x.tokens = (1 + torch.randperm(x.key_states.shape[1] - 1, generator=gen)[:NUM_TOKENS]).to(x.tokens.device)
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def run_model(model: str, size: str, res: Optional[int], batch: int, device, dtype, steps: int,
-              warmup: int, variants: List[str], log=print) -> List[dict]:
+              warmup: int, variants: List[str], log=print, compile_mode: Optional[str] = None) -> List[dict]:
     full_name, twin_name, full_res = MODELS[model]
     config_name = full_name if size == "full" else twin_name
     t0 = time.perf_counter()
@@ -254,28 +293,39 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
     latent = res // 8
     x = make_step_inputs(unet, batch, latent, device, dtype)
     n_params = sum(p.numel() for p in unet.parameters())
+    compiled = "" if compile_mode is None else f", torch.compile(fullgraph=True, mode={compile_mode!r})"
     log(f"\n{model} ({config_name}, {n_params / 1e6:.1f} M params, built in {time.perf_counter() - t0:.1f} s): "
-        f"{res} px (latent {latent}x{latent}), batch {batch}, {str(dtype).replace('torch.', '')}")
+        f"{res} px (latent {latent}x{latent}), batch {batch}, {str(dtype).replace('torch.', '')}{compiled}")
 
-    rows, losses, grads, samples, peaks = [], {}, {}, {}, {}
+    rows, losses, grads, samples, peaks, recompiles = [], {}, {}, {}, {}, {}
     live: List[Variant] = []
     for name in variants:  # first step of each: warm-up, and the loss/gradient compared below
-        variant = Variant(name, unet)
-        variant.setup()
+        t0 = time.perf_counter()
+        variant = None
         try:
+            variant = Variant(name, unet, compile_mode)
+            variant.setup()
             losses[name], grads[name] = variant.step(x)
             live.append(variant)
-            samples[name] = []
+            samples[name], recompiles[name] = [], 0
+            if compile_mode is not None:
+                log(f"  {name}: first (compiling) step {time.perf_counter() - t0:.1f} s")
         except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
-            log(f"  {name}: FAILED: {type(exc).__name__}: {exc}")
+            log(f"  {name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            if variant is not None:
+                variant.close()
         finally:
-            variant.teardown()
+            if variant is not None:
+                variant.teardown()
 
     # Round-robin over the variants, so load from other processes hits all of them alike.
+    gen = torch.Generator().manual_seed(1)
     for rep in range(max(0, warmup - 1) + steps):
+        refresh_step_values(x, gen)
         for variant in live:
             variant.setup()
             try:
+                graphs = compiled_graphs()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -284,6 +334,7 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
                     torch.cuda.synchronize()
                 if rep >= max(0, warmup - 1):
                     samples[variant.name].append((time.perf_counter() - t0) * 1e3)
+                recompiles[variant.name] += compiled_graphs() - graphs
             finally:
                 variant.teardown()
     if device.type == "cuda":
@@ -304,7 +355,9 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
         rows.append({"model": model, "config": config_name, "variant": variant.name, "res": res,
                      "batch": batch, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
                      "ms_median": round(timing.median_ms, 3), "ms_iqr": round(timing.iqr_ms, 3),
-                     "steps": timing.reps, "peak_mib": None if peak is None else round(peak, 1)})
+                     "steps": timing.reps, "peak_mib": None if peak is None else round(peak, 1),
+                     "compile": compile_mode,
+                     "recompiles": None if compile_mode is None else recompiles[variant.name]})
 
     floor = next((r for r in rows if r["variant"] == "floor"), None)
     for r in rows:
@@ -327,22 +380,26 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
             f"text-state grad rel. diff {grad_rel:.2e}")
         for r in rows:
             r["loss_rel_diff_vs_explicit"] = round(loss_rel, 8) if r["variant"] == "semfid" else None
-    del unet, x
+    for variant in live:
+        variant.close()
+    del unet, x, live
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
 def format_rows(rows: List[dict]) -> str:
-    header = ["model", "config", "res", "B", "dtype", "variant", "step ms (median±IQR)", "peak MiB",
-              "loss cost vs floor", "paired"]
-    table = [[r["model"], r["config"], str(r["res"]), str(r["batch"]), r["dtype"], r["variant"],
+    header = ["model", "config", "res", "B", "dtype", "compile", "variant", "step ms (median±IQR)",
+              "peak MiB", "loss cost vs floor", "paired", "recompiles"]
+    table = [[r["model"], r["config"], str(r["res"]), str(r["batch"]), r["dtype"], r.get("compile") or "-",
+              r["variant"],
               f"{r['ms_median']:.1f}±{r['ms_iqr']:.1f}",
               "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
               "-" if r["overhead_vs_floor_pct"] is None or r["variant"] == "floor"
               else f"{r['overhead_vs_floor_pct']:+.1f}%",
               "-" if r.get("paired_overhead_vs_floor_pct") is None or r["variant"] == "floor"
-              else f"{r['paired_overhead_vs_floor_pct']:+.1f}%"] for r in rows]
+              else f"{r['paired_overhead_vs_floor_pct']:+.1f}%",
+              "-" if r.get("recompiles") is None else str(r["recompiles"])] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(t) for t in table])
@@ -363,6 +420,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile'd variants (each on its own UNet copy, fullgraph=True)")
+    p.add_argument("--compile-modes", nargs="+", default=None,
+                   choices=["eager", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile modes, each a run of its own ('eager': not compiled); default "
+                        "with --compile: 'default', on a GPU also 'reduce-overhead' (CUDA graphs)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p.parse_args(argv)
 
@@ -388,10 +451,15 @@ def main(argv=None) -> int:
     env = environment(device)
     print("semfid train_step: UNet step, subject loss on every cross-attention layer, grads to the text states")
     print(format_environment(env))
+    modes: List[Optional[str]] = [None]
+    if args.compile or args.compile_modes:
+        modes = [None if m == "eager" else m for m in args.compile_modes or (
+            ["default", "reduce-overhead"] if device.type == "cuda" else ["default"])]
     rows: List[dict] = []
     for model in args.models:
-        rows += run_model(model, size, args.res, args.batch, device, dtype, args.steps, args.warmup,
-                          args.variants)
+        for mode in modes:
+            rows += run_model(model, size, args.res, args.batch, device, dtype, args.steps, args.warmup,
+                              args.variants, compile_mode=mode)
     print()
     print(format_rows(rows))
     print(f"medians of {args.steps} interleaved steps per variant (paired: median over rounds of "
