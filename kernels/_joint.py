@@ -158,7 +158,7 @@ INTERPRETER_TILES = (64, 64, 4)
 
 
 def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
-          ref: bool = False) -> Tuple[int, int, int]:
+          ref: bool = False, dq_pass: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of a key-blocked launch, from the shapes only (no autotuning:
     the dk/dv accumulation order and the loss bits must not depend on a tuning run).
 
@@ -180,6 +180,10 @@ reference (4 spilled 24-96 B on sm_80 at head dim 64, S = 77). fp32 (exact-fp32 
         block_m = 16 if (backward and wide and ref) else 32
     block_n = 32 if (backward and wide) else 64
     warps = 8 if (backward or wide or (head_dim > 64 and ref)) else 4
+    if dq_pass and ref and head_dim <= 64:
+        # The dq pass with the reference's gradient at head dim 64: ptxas capped it at 128
+        # registers and spilled 32-48 B on sm_80 at every 8-warp tile; 16 x 32 on 4 warps does not.
+        block_m, block_n, warps = 16, 32, 4
     return block_m, block_n, warps
 
 

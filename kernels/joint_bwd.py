@@ -246,7 +246,8 @@ def launches(q, k, v, bias, tokens, scale, map_range, lse, out, dout, dmaps, dq,
             HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), warps)
     flags = dict(common, BLOCK_N=block_n, BLOCK_SC=min(select_block(S), SCATTER_CHUNK), HAS_DO=has_do,
                  HAS_G=has_g, REF_GRAD=ref_grad, SPLIT_DOT=split)
-    dq_launch = (_joint_bwd_dq_kernel, row_grid, (
+    dq_m, dq_n, dq_warps = tiles(q.dtype, max(D, Dv), S, backward=True, ref=ref_grad, dq_pass=True)
+    dq_launch = (_joint_bwd_dq_kernel, (triton.cdiv(N, dq_m), B * H), (
         q, k, v if has_do else q, kr, bias if bias is not None else absent,
         ref_bias if ref_bias is not None else absent, tok, rtok, lse, lse_r, delta, delta_r,
         dout if has_do else q, g_t, g_r, dq,
@@ -255,7 +256,8 @@ def launches(q, k, v, bias, tokens, scale, map_range, lse, out, dout, dmaps, dq,
         *(ref_tokens.stride() if has_ref else (0, 0)), *lse.stride(),
         *(dout.stride() if has_do else (0,) * 4), *g_strides, *dq.stride(),
         H, N, M, M_ref, S, map_range[0], map_range[1], seg[0], seg[1], float(scale),
-    ), dict(flags, HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), warps)
+    ), dict(flags, BLOCK_M=dq_m, BLOCK_N=dq_n, HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None),
+        dq_warps)
 
     def key_pass(keys, key_bias, cls, rows, is_ref, dkey, dval):
         n_keys = keys.shape[2]
