@@ -458,8 +458,11 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     for model in args.models:
         for mode in modes:
-            rows += run_model(model, size, args.res, args.batch, device, dtype, args.steps, args.warmup,
-                              args.variants, compile_mode=mode)
+            done = run_model(model, size, args.res, args.batch, device, dtype, args.steps, args.warmup,
+                             args.variants, compile_mode=mode)
+            if len(args.models) * len(modes) > 1:  # each model's table as soon as it is measured
+                print(format_rows(done), flush=True)
+            rows += done
     print()
     print(format_rows(rows))
     print(f"medians of {args.steps} interleaved steps per variant (paired: median over rounds of "
