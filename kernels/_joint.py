@@ -180,6 +180,12 @@ reference (4 spilled 24-96 B on sm_80 at head dim 64, S = 77). fp32 (exact-fp32 
         block_m = 16 if (backward and wide and ref) else 32
     block_n = 32 if (backward and wide) else 64
     warps = 8 if (backward or wide or (head_dim > 64 and ref)) else 4
+    if not backward and ref and head_dim % 16:
+        block_m = 32  # head dim 72 (2-byte loads): 64 rows spilled 16 B on sm_90
+    if dq_pass and head_dim > 64:
+        block_n = 32  # 64-key blocks spilled 24 B at head dim 128 on sm_90
+    if dq_pass and block_m == 16:
+        warps = 4  # 8 warps on 16-row tiles: capped at 128 registers, 8-40 B spilled (head dim 128)
     if dq_pass and ref and head_dim <= 64:
         # The dq pass with the reference's gradient at head dim 64: ptxas capped it at 128
         # registers and spilled 32-48 B on sm_80 at every 8-warp tile; 16 x 32 on 4 warps does not.

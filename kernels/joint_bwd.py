@@ -243,7 +243,7 @@ def launches(q, k, v, bias, tokens, scale, map_range, lse, out, dout, dmaps, dq,
             HAS_DLOSS=has_dloss, HAS_REF=has_ref,
             MEAN_DIFF=bool(mean_heads and has_dloss), REF_GRAD=ref_grad,
             NEED_AR=has_ref and (ref_grad or (has_dloss and not mean_heads)), HAS_W=weights is not None,
-            HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), warps)
+            HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None), 4 if block_m == 16 else warps)
     flags = dict(common, BLOCK_N=block_n, BLOCK_SC=min(select_block(S), SCATTER_CHUNK), HAS_DO=has_do,
                  HAS_G=has_g, REF_GRAD=ref_grad, SPLIT_DOT=split)
     dq_m, dq_n, dq_warps = tiles(q.dtype, max(D, Dv), S, backward=True, ref=ref_grad, dq_pass=True)
