@@ -1,26 +1,20 @@
 """Local stand-ins for the tiny hub repos diffusers' fast SD / SDXL / LoRA tests download.
 
 Writes a huggingface_hub cache under $HF_HOME (offline use, HF_HUB_OFFLINE=1):
-  hf-internal-testing/tiny-random-clip   CLIP tokenizer (byte-level, no merges) + tiny CLIPTextModel
+  hf-internal-testing/tiny-random-clip   CLIP tokenizer (semfid.sefi.tiny's) + tiny CLIPTextModel
   peft-internal-testing/tiny-clip-text-2 same tokenizer + CLIPTextModelWithProjection (hidden 32, proj 32)
 Random weights (seed 0): the tests' hard-coded output slices cannot match; both runs use this cache.
 """
-import json
 import os
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b); cs.append(256 + n); n += 1
-    return [chr(c) for c in cs]
+from semfid.sefi.tiny import write_tiny_tokenizer
 
-def write_repo(root, repo, with_model):
+
+def write_repo(root: str, repo: str, with_model: bool) -> None:
+    """One repo's snapshot (commit 00..0, refs/main) with the tokenizer and, if asked, the text encoder."""
     commit = "0" * 40
     base = os.path.join(root, "hub", "models--" + repo.replace("/", "--"))
     snap = os.path.join(base, "snapshots", commit)
@@ -28,21 +22,7 @@ def write_repo(root, repo, with_model):
     os.makedirs(os.path.join(base, "refs"), exist_ok=True)
     with open(os.path.join(base, "refs", "main"), "w") as f:
         f.write(commit)
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(snap, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(snap, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tok = CLIPTokenizer.from_pretrained(snap)
-    tok.model_max_length = 77
-    tok.save_pretrained(snap)
+    write_tiny_tokenizer(snap)  # semfid's byte-level CLIP BPE tokenizer (77 tokens, ids < 1000)
     if with_model:
         torch.manual_seed(0)
         cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37,
@@ -50,6 +30,7 @@ def write_repo(root, repo, with_model):
                              pad_token_id=1, vocab_size=1000, projection_dim=32, hidden_act="gelu")
         CLIPTextModelWithProjection(cfg).save_pretrained(snap)
     print("wrote", repo, sorted(os.listdir(snap)))
+
 
 if __name__ == "__main__":
     root = os.environ["HF_HOME"]
