@@ -33,7 +33,7 @@ from semfid.testing import attention_ref, subject_ref  # noqa: E402
 import semfid  # noqa: E402
 
 inner_only = base.inner_only
-EXPECTED_CHILD_CASES = 11
+EXPECTED_CHILD_CASES = 10  # 3 cross-attention + maps-only + 4 subject + determinism + routing
 
 
 @pytest.mark.slow
