@@ -31,6 +31,7 @@ needs_diffusers = pytest.mark.skipif(not DIFFUSERS, reason="SEMFID_DIFFUSERS_DIR
 MINI = textwrap.dedent('''\
     import argparse
     from diffusers.utils.import_utils import is_xformers_available
+    from diffusers.utils.torch_utils import is_compiled_module
 
 
     def parse_args():
@@ -43,6 +44,7 @@ MINI = textwrap.dedent('''\
     def main(args):
         placeholder_token_ids = tokenizer.convert_tokens_to_ids(placeholder_tokens)
         unet.add_adapter(unet_lora_config)
+        transformer.add_adapter(transformer_lora_config)
         for step, batch in enumerate(loader):
             if args.train_text_encoder:
                 model_pred = unet(
@@ -68,35 +70,35 @@ def _calls(kind: str) -> int:
 
 
 def _mini(kind: str) -> str:
-    """MINI with as many UNet calls as the recipe of ``kind`` expects."""
-    if _calls(kind) == 2:
-        return MINI
-    return MINI.replace("        else:\n            model_pred = unet(x, t)[0]\n", "")
+    """MINI with as many model calls (UNet or transformer) as the recipe of ``kind`` expects."""
+    source = MINI if _calls(kind) == 2 else MINI.replace("        else:\n            model_pred = unet(x, t)[0]\n", "")
+    return source.replace("model_pred = unet(", f"model_pred = {RECIPES[kind].model}(")
 
 
-def _with_blocks(tree: ast.AST):
-    """(UNet-call assignments inside `with semfid.block(...)`, all UNet-call assignments)."""
+def _with_blocks(tree: ast.AST, model: str):
+    """(model-call assignments inside `with semfid.block(...)`, all model-call assignments)."""
     inside, calls = [], []
     for node in ast.walk(tree):
         if isinstance(node, ast.With) and "semfid.block" in ast.unparse(node.items[0].context_expr):
-            inside += [s for s in node.body if "= unet(" in ast.unparse(s)]
-        if isinstance(node, ast.Assign) and ast.unparse(node).startswith("model_pred = unet("):
+            inside += [s for s in node.body if f"= {model}(" in ast.unparse(s)]
+        if isinstance(node, ast.Assign) and ast.unparse(node).startswith(f"model_pred = {model}("):
             calls.append(node)
     return inside, calls
 
 
 def _check_structure(kind: str, source: str, patched: str) -> None:
+    model = RECIPES[kind].model
     tree = ast.parse(patched)
-    inside, calls = _with_blocks(tree)
-    assert calls and len(inside) == len(calls) == _calls(kind), "every UNet call wrapped"
+    inside, calls = _with_blocks(tree, model)
+    assert calls and len(inside) == len(calls) == _calls(kind), "every model call wrapped"
     lines = patched.splitlines()
     loss = [i for i, line in enumerate(lines) if line.strip() == "loss = semfid.add_loss(loss)"]
     assert len(loss) == 1 and lines[loss[0] + 1].strip() == "accelerator.backward(loss)"
     # after every prior-preservation / SNR line and after the last UNet call
-    late = [i for i, line in enumerate(lines) if "prior_loss" in line or "snr" in line or "= unet(" in line]
+    late = [i for i, line in enumerate(lines) if "prior_loss" in line or "snr" in line or f"= {model}(" in line]
     assert loss[0] > max(late)
     setup = next(i for i, line in enumerate(lines) if line.strip().startswith("semfid = SemfidRecipe("))
-    first_call = next(i for i, line in enumerate(lines) if "model_pred = unet(" in line)
+    first_call = next(i for i, line in enumerate(lines) if f"model_pred = {model}(" in line)
     assert setup < first_call
     kept = Counter(line.strip() for line in source.splitlines())
     assert not kept - Counter(line.strip() for line in patched.splitlines()), "no line of the script lost"
@@ -126,8 +128,9 @@ def test_patcher_refuses_a_mangled_script_naming_the_line(kind, tmp_path, capsys
     with pytest.raises(RecipeMismatch, match=r"(?s)looked for 1 line\(s\) starting with\n    "
                                              r"accelerator\.backward\(loss\)\n.*found 0"):
         apply_recipe(kind, mangled, "mangled.py")
-    extra = source + "\n\ndef again():\n    model_pred = unet(y)\n"  # one UNet call more than known
-    with pytest.raises(RecipeMismatch, match=r"looked for \d line\(s\) starting with\n    model_pred = unet\("):
+    model = RECIPES[kind].model
+    extra = source + f"\n\ndef again():\n    model_pred = {model}(y)\n"  # one model call more than known
+    with pytest.raises(RecipeMismatch, match=rf"looked for \d line\(s\) starting with\n    model_pred = {model}\("):
         apply_recipe(kind, extra, "extra.py")
     (tmp_path / "m.py").write_text(mangled)
     assert recipe_main([kind, str(tmp_path / "m.py"), "-o", str(tmp_path / "o.py")]) == 2
@@ -225,6 +228,55 @@ def test_weight_zero_adds_nothing_but_still_checks_the_identifier(tiny_sd15):
             recipe.block(["a photo of dog"], None)
         base, total = _step(recipe, pipe, ["a photo of sks dog"])
         assert total is base and recipe.last_loss is None
+    finally:
+        recipe.controller.uninstall()
+
+
+def test_tokenizers_or_segments_exactly_one():
+    with pytest.raises(ValueError, match="give exactly one of tokenizers"):
+        SemfidRecipe(None, _args(), None)
+    with pytest.raises(ValueError, match="give exactly one of tokenizers"):
+        SemfidRecipe(None, _args(), "tok", segments=[("tok", 8)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dit_recipe_loop_on_a_tiny_pipeline(family, tmp_path):
+    """The Flux / SD3 recipe's run-time path (segments alignment, a wrapped transformer call, add_loss)
+    on a tiny pipeline, as the patched scripts call it: subject loss > 0, only instance rows, the loss's
+    gradient reaches the attention projections of the joint blocks."""
+    from diffusers import DiffusionPipeline
+
+    from semfid.testing.tiny_dit import build_tiny_dit_pipeline
+
+    from _dit_calls import make_call
+
+    pipe = DiffusionPipeline.from_pretrained(build_tiny_dit_pipeline(family, tmp_path / family))
+    if family == "flux":
+        segments = [(pipe.tokenizer_2, 32)]
+        encode = lambda ps: pipe.encode_prompt(ps, None, max_sequence_length=32)
+    else:
+        segments = [([pipe.tokenizer, pipe.tokenizer_2], 77), (pipe.tokenizer_3, 32)]
+        encode = lambda ps: pipe.encode_prompt(ps, None, None, do_classifier_free_guidance=False,
+                                               max_sequence_length=32)
+    model = pipe.transformer
+    recipe = SemfidRecipe(model, _args(with_prior_preservation=True, semfid_weight=0.5), segments=segments)
+    try:
+        prompts = ["a photo of sks dog", "a photo of dog"]  # instance row, class row
+        with torch.no_grad():
+            states, pooled = encode(prompts)[0], encode(prompts)[1 if family == "flux" else 2]
+        torch.manual_seed(0)
+        call = make_call(family, batch=2, text=states.shape[1])
+        call.update(encoder_hidden_states=states, pooled_projections=pooled)
+        with recipe.block(prompts, lambda ps: encode(ps)[0]):
+            base = model(**call).sample.square().mean()
+        total = recipe.add_loss(base)
+        assert torch.isfinite(recipe.last_loss) and float(recipe.last_loss) > 0
+        assert torch.equal(total.detach(), (base + 0.5 * recipe.last_loss).detach())
+        projections = [m.to_q.weight for n, m in model.named_modules() if n.startswith("transformer_blocks.")
+                       and n.endswith(".attn")]
+        grads = torch.autograd.grad(total - base, projections)
+        assert all(g.abs().sum() > 0 for g in grads)
     finally:
         recipe.controller.uninstall()
 

@@ -1,8 +1,9 @@
 """``python -m semfid.recipes.check --diffusers DIR``: run every recipe on diffusers' real example scripts.
 
 For each supported script of a diffusers checkout: the stock script, the stock script with only
-``install(unet)`` added, and the copy ``semfid-recipe`` writes (the very function behind the command)
-run a few steps on tiny random pipelines (``semfid-tiny-pipeline``), on the CPU, offline. Checked:
+``install(unet)`` (``install(transformer)`` for Flux / SD3) added, and the copy ``semfid-recipe``
+writes (the very function behind the command) run a few steps on tiny random pipelines
+(``semfid-tiny-pipeline``), on the CPU, offline. Checked:
 
 - installed with no block == stock, bit for bit (the saved LoRA / learned embedding);
 - the recipe with ``--semfid_weight 0`` == stock, bit for bit;
@@ -40,7 +41,10 @@ _LOSS_LINE = re.compile(r"semfid subject loss (\S+) \(weight")
 _IDENTIFIER, _CLASS = "sks", "dog"
 _INSTANCE, _CLASS_PROMPT = f"a photo of {_IDENTIFIER} {_CLASS}", f"a photo of {_CLASS}"
 #: the line that installs semfid with no block, after the recipe's set-up anchor ("installed" runs)
-_INSTALL_ONLY = "__import__('semfid.diffusers', fromlist=['install']).install(unet)"
+_INSTALL_ONLY = "__import__('semfid.diffusers', fromlist=['install']).install({model})"
+#: the tiny pipeline each script trains
+_PIPELINE = {"textual-inversion": "sd15", "dreambooth-lora": "sd15", "dreambooth-lora-sdxl": "sdxl",
+             "dreambooth-lora-flux": "flux", "dreambooth-lora-sd3": "sd3"}
 
 
 @dataclass
@@ -66,17 +70,18 @@ class Row:
     status: str = ""  # "n/a" when this environment cannot run the variant; else pass / FAIL from ok
 
 
-def _fixtures(work: Path) -> Dict[str, Path]:
-    """Tiny pipelines, two instance and two class images, a caption dataset (imagefolder)."""
+def _fixtures(work: Path, kinds: Sequence[str]) -> Dict[str, Path]:
+    """Tiny pipelines (those ``kinds`` train), two instance and two class images, a caption dataset."""
     import numpy as np
     from PIL import Image
 
     from ..sefi.tiny import build_tiny_pipeline
+    from ..testing.tiny_dit import build_tiny_dit_pipeline
 
-    paths = {"sd15": work / "tiny-sd15", "sdxl": work / "tiny-sdxl"}
+    paths = {_PIPELINE[k]: work / f"tiny-{_PIPELINE[k]}" for k in kinds}
     for kind, path in paths.items():
         if not (path / "model_index.json").exists():
-            build_tiny_pipeline(kind, path)
+            (build_tiny_pipeline if kind in ("sd15", "sdxl") else build_tiny_dit_pipeline)(kind, path)
     rng = np.random.default_rng(0)
     for name in ("instance", "class", "captions"):
         (work / name).mkdir(parents=True, exist_ok=True)
@@ -95,10 +100,10 @@ def _base_args(kind: str, fx: Dict[str, Path], steps: int) -> List[str]:
         return common + ["--pretrained_model_name_or_path", str(fx["sd15"]), "--train_data_dir", str(fx["instance"]),
                          "--placeholder_token", "<sks>", "--initializer_token", _CLASS, "--save_steps", "100000",
                          "--learning_rate", "0.01"]
-    model = fx["sd15"] if kind == "dreambooth-lora" else fx["sdxl"]
-    return common + ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(fx["instance"]),
-                     "--instance_prompt", _INSTANCE, "--class_prompt", _CLASS_PROMPT, "--rank", "4",
-                     "--learning_rate", "0.001"]
+    dit = ["--max_sequence_length", "32"] if RECIPES[kind].model == "transformer" else []
+    return common + dit + ["--pretrained_model_name_or_path", str(fx[_PIPELINE[kind]]), "--instance_data_dir",
+                           str(fx["instance"]), "--instance_prompt", _INSTANCE, "--class_prompt", _CLASS_PROMPT,
+                           "--rank", "4", "--learning_rate", "0.001"]
 
 
 def _prior(fx: Dict[str, Path]) -> List[str]:
@@ -145,13 +150,16 @@ def _same(a: Run, b: Run) -> str:
 
 
 def _changed(on: Run, off: Run, kind: str) -> str:
-    """How many of the to_k / to_v LoRA tensors (or the embedding) the subject loss changed."""
+    """How many of the to_k / to_v (joint blocks: and add_k_proj) LoRA tensors (or the embedding) the
+    subject loss changed."""
     import torch
 
     w_on, w_off = _weights(on), _weights(off)
-    keys = [k for k in w_on if kind == "textual-inversion" or re.search(r"\.to_[kv]\.lora[._](A|B|down|up)\.", k)]
+    keys = [k for k in w_on if kind == "textual-inversion"
+            or re.search(r"\.(to_[kv]|add_k_proj)\.lora[._](A|B|down|up)\.", k)]
     moved = [k for k in keys if not torch.equal(w_on[k], w_off[k])]
-    what = "learned embedding" if kind == "textual-inversion" else "to_k/to_v LoRA tensors"
+    what = ("learned embedding" if kind == "textual-inversion" else
+            "to_k/to_v/add_k_proj LoRA tensors" if RECIPES[kind].model == "transformer" else "to_k/to_v LoRA tensors")
     return f"{len(moved)}/{len(keys)} {what} changed by the loss"
 
 
@@ -160,21 +168,22 @@ def _reload(run: Run, kind: str, fx: Dict[str, Path]) -> str:
     import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(fx["sdxl" if kind.endswith("sdxl") else "sd15"])
+    pipe = DiffusionPipeline.from_pretrained(fx[_PIPELINE[kind]])
     if kind == "textual-inversion":
         pipe.load_textual_inversion(str(run.out / "learned_embeds.safetensors"), token="<sks>")
         saved = _weights(run)["learned_embeds.safetensors:<sks>"]
         emb = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<sks>")]
         return "" if torch.equal(emb, saved.reshape(emb.shape).to(emb.dtype)) else "reloaded embedding differs"
     pipe.load_lora_weights(str(run.out), weight_name="pytorch_lora_weights.safetensors")
-    params = dict(pipe.unet.named_parameters())
-    saved = {k: v for k, v in _weights(run).items() if ":unet." in k}
+    model = RECIPES[kind].model
+    params = dict(getattr(pipe, model).named_parameters())
+    saved = {k: v for k, v in _weights(run).items() if f":{model}." in k}
     loaded = {re.sub(r"\.lora_([AB])\.[^.]+\.", r".lora_\1.", n): p for n, p in params.items() if ".lora_" in n}
     bad = 0
     for key, value in saved.items():
-        name = key.split(":unet.", 1)[1].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        name = key.split(f":{model}.", 1)[1].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
         bad += not (name in loaded and torch.equal(loaded[name].detach().to(value.dtype), value))
-    return f"{bad}/{len(saved)} UNet LoRA tensors not reloaded as saved" if bad or not saved else ""
+    return f"{bad}/{len(saved)} {model} LoRA tensors not reloaded as saved" if bad or not saved else ""
 
 
 def _not_here(run: Run) -> str:
@@ -212,9 +221,10 @@ def check_script(kind: str, diffusers: Path, work: Path, fx: Dict[str, Path], py
     folder = work / kind
     folder.mkdir(parents=True, exist_ok=True)
     scripts = {"stock": stock_src, "recipe": apply_recipe(kind, stock_src, recipe.script)}
-    setup = next(s for s in recipe.steps if s.action == "after" and s.anchor.startswith(("unet.add", "placeholder")))
-    scripts["installed"] = apply_steps([Step("after", setup.anchor, (_INSTALL_ONLY,))], stock_src, recipe.script,
-                                       kind)
+    setup = next(s for s in recipe.steps
+                 if s.action == "after" and s.anchor.startswith(("unet.add", "transformer.add", "placeholder")))
+    scripts["installed"] = apply_steps([Step("after", setup.anchor, (_INSTALL_ONLY.format(model=recipe.model),))],
+                                       stock_src, recipe.script, kind)
     for name, text in scripts.items():
         (folder / f"{name}.py").write_text(text)
     base = _base_args(kind, fx, steps)
@@ -260,7 +270,9 @@ def check_script(kind: str, diffusers: Path, work: Path, fx: Dict[str, Path], py
                                                               "--caption_column", "text", "--image_column", "image"],
                                          "--caption_column + prior preservation": [
                                              "--dataset_name", str(fx["captions"]), "--caption_column", "text",
-                                             "--image_column", "image", *_prior(fx)]}}
+                                             "--image_column", "image", *_prior(fx)]},
+                "dreambooth-lora-flux": {"prior preservation": _prior(fx)},
+                "dreambooth-lora-sd3": {"prior preservation": _prior(fx)}}
     for variant, extra in variants.get(kind, {}).items():
         r = run(variant, "recipe", extra)
         if _not_here(r):
@@ -318,9 +330,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         parser.error(f"--diffusers {args.diffusers} lacks {missing}: give a checkout of diffusers' repository")
     work = args.work.resolve()
-    fx = _fixtures(work)
+    kinds = args.only or list(RECIPES)
+    fx = _fixtures(work, kinds)
     rows: List[Row] = []
-    for kind in args.only or list(RECIPES):
+    for kind in kinds:
         rows += check_script(kind, args.diffusers.resolve(), work, fx, args.python, args.steps,
                              bf16=not args.no_bf16 and _bf16_ok(), reuse=args.reuse)
         print(table([r for r in rows if r.kind == kind]), flush=True)

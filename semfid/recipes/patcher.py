@@ -18,6 +18,7 @@ from .patches import RECIPES, Recipe, Step
 README_BEGIN = "<!-- semfid-recipe: rendered by `semfid-recipe --readme`; edit semfid/recipes/patches.py -->"
 README_END = "<!-- semfid-recipe: end -->"
 _INDENT = "    "
+_MODEL = {"unet": "UNet", "transformer": "transformer"}
 _VERBS = {"after": "adds after it", "before": "adds before it", "wrap": "puts each one under"}
 
 
@@ -58,7 +59,7 @@ def apply_recipe(kind: str, source: str, name: str = "script") -> str:
 
     Args:
         kind (`str`): one of :data:`RECIPES` (``textual-inversion``, ``dreambooth-lora``,
-            ``dreambooth-lora-sdxl``).
+            ``dreambooth-lora-sdxl``, ``dreambooth-lora-flux``, ``dreambooth-lora-sd3``).
         source (`str`): the script's text.
         name (`str`, *optional*): the script's name, for messages.
 
@@ -98,7 +99,7 @@ def _render(recipe: Recipe, kind: str) -> List[str]:
     wraps = sum(s.count for s in recipe.steps if s.action == "wrap")
     out = [f"**{recipe.title}** (`{recipe.script}`): `semfid-recipe {kind} {Path(recipe.script).name} "
            f"-o train_semfid.py`, or by hand: {added} added lines (`+`); every line of "
-           f"{'the' if wraps == 1 else f'each of the {wraps}'} UNet call{'' if wraps == 1 else 's'} "
+           f"{'the' if wraps == 1 else f'each of the {wraps}'} {_MODEL[recipe.model]} call{'' if wraps == 1 else 's'} "
            f"moves one level deeper under its `with` (`~`).", "", "```python"]
     for n, step in enumerate(recipe.steps):
         if n:

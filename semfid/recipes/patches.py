@@ -46,12 +46,12 @@ class Recipe:
     script: str  # path inside the diffusers repository
     steps: Tuple[Step, ...]
     note: str = ""
+    model: str = "unet"  # the script's variable for the denoiser: "unet" or "transformer"
 
 
-def _common_head() -> Tuple[Step, ...]:
+def _common_head(imports: str = "from diffusers.utils.import_utils import is_xformers_available") -> Tuple[Step, ...]:
     return (
-        Step("after", "from diffusers.utils.import_utils import is_xformers_available", (IMPORT,),
-             why="with the imports"),
+        Step("after", imports, (IMPORT,), why="with the imports"),
         Step("after", "parser = argparse.ArgumentParser(", ("add_semfid_arguments(parser)",),
              why="the options --semfid_weight / --semfid_identifier / --semfid_class_word"),
     )
@@ -62,6 +62,29 @@ _LOSS = Step("before", "accelerator.backward(loss)", ("loss = semfid.add_loss(lo
 _WRAP_DECODED = Step("wrap", "model_pred = unet(",
                      ('with semfid.block(tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True), '
                       'semfid_encode):',), why="the batch's own prompts, decoded from its token ids")
+
+_DIT_IMPORTS = "from diffusers.utils.torch_utils import is_compiled_module"
+_WRAP_DIT = Step("wrap", "model_pred = transformer(", ("with semfid.block(prompts, semfid_encode):",),
+                 why="`prompts` is batch[\"prompts\"]: the captions with --caption_column, class prompts "
+                     "in the second half with prior preservation")
+_DIT_NOTE = ("The subject loss runs one extra no-grad forward of the transformer per step (the reference "
+             "prompt's text keys of each joint layer), and the text encoders stay in memory (the reference "
+             "prompts are encoded every step) where the script would free them.")
+
+
+
+def _dit_recipe(title: str, name: str, segments: str, encoders: Tuple[str, ...], why: str) -> Recipe:
+    """A diffusers DreamBooth-LoRA transformer script's recipe (text encoders / tokenizers ``*_one`` ...)."""
+    bound = ", ".join(f"text_encoder_{n}" for n in encoders), ", ".join(f"tokenizer_{n}" for n in encoders)
+    setup = Step("after", "transformer.add_adapter(transformer_lora_config)", (
+        f"semfid = SemfidRecipe(transformer, args, segments={segments})",
+        f"def semfid_encode(prompts, encoders=({bound[0]}), tokenizers=({bound[1]})):  "
+        "# bound here: the script deletes its names later",
+        "    return encode_prompt(list(encoders), list(tokenizers), prompts, args.max_sequence_length)[0]",
+    ), why=why)
+    return Recipe(title=title, script=f"examples/dreambooth/train_dreambooth_lora_{name}.py", model="transformer",
+                  steps=_common_head(_DIT_IMPORTS) + (setup, _WRAP_DIT, _LOSS), note=_DIT_NOTE)
+
 
 RECIPES: Dict[str, Recipe] = {
     "textual-inversion": Recipe(
@@ -113,6 +136,13 @@ RECIPES: Dict[str, Recipe] = {
             _LOSS,
         ),
     ),
+    "dreambooth-lora-flux": _dit_recipe(
+        "DreamBooth LoRA (Flux.1)", "flux", "[(tokenizer_two, args.max_sequence_length)]", ("one", "two"),
+        "installs the processors (double- and single-stream blocks); the T5 positions of the identifier"),
+    "dreambooth-lora-sd3": _dit_recipe(
+        "DreamBooth LoRA (SD3 / SD3.5)", "sd3",
+        "[([tokenizer_one, tokenizer_two], 77), (tokenizer_three, args.max_sequence_length)]", ("one", "two", "three"),
+        "installs the processors (every joint block); CLIP-L + CLIP-G (77) and T5 positions of the identifier"),
 }
 
 __all__ = ["IMPORT", "RECIPES", "Recipe", "Step"]

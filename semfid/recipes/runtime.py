@@ -1,7 +1,8 @@
 """What a diffusers example script patched by ``semfid-recipe`` calls at run time.
 
 The patch adds three options (:func:`add_semfid_arguments`), one :class:`SemfidRecipe` after the UNet
-is ready, a ``with semfid.block(prompts, encode):`` around every UNet call of the training loop and
+(or transformer) is ready, a ``with semfid.block(prompts, encode):`` around every model call of the
+training loop and
 ``loss = semfid.add_loss(loss)`` just before ``accelerator.backward(loss)``, after the script's
 prior-preservation and SNR-weighting branches. The lines themselves live in
 :mod:`semfid.recipes.patches`.
@@ -17,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..diffusers import align_tokens, install
+from ..diffusers import align_joint_tokens, align_tokens, install
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def identifier_from_prompts(instance_prompt: str, class_prompt: Optional[str]) -
 
 
 class _LossBlock:
-    """``with`` block around one UNet call: enters the controller's subject-loss block, keeps the recorder."""
+    """``with`` block around one model call: enters the controller's subject-loss block, keeps the recorder."""
 
     def __init__(self, recipe: "SemfidRecipe", block, rows: int):
         self._recipe, self._block, self._rows = recipe, block, rows
@@ -82,9 +83,14 @@ class SemfidRecipe:
     r"""The subject-wise attention loss inside a diffusers example training script.
 
     Args:
-        unet (`UNet2DConditionModel`): the script's UNet (LoRA adapters added or not).
+        unet (`UNet2DConditionModel`, `FluxTransformer2DModel` or `SD3Transformer2DModel`): the
+            script's denoiser (LoRA adapters added or not).
         args (`argparse.Namespace`): the script's parsed arguments, with the ``--semfid_*`` options.
-        tokenizers: the tokenizer, or SDXL's two, that tokenize the training prompts.
+        tokenizers: the tokenizer, or SDXL's two, that tokenize the training prompts (UNets).
+        segments (`list[tuple]`, *optional*): instead of ``tokenizers``, the text states as
+            ``(tokenizers, length)`` segments for :func:`~semfid.diffusers.align_joint_tokens`:
+            Flux ``[(t5_tokenizer, max_sequence_length)]``, SD3 ``[([clip_l, clip_g], 77),
+            (t5_tokenizer, max_sequence_length)]``.
         identifier (`str`, *optional*): the identifier as it appears in the batch's prompts; defaults
             to ``--semfid_identifier``, else derived from ``--instance_prompt`` / ``--class_prompt``.
         class_word (`str`, *optional*): what replaces it in the reference prompt; defaults to
@@ -96,8 +102,11 @@ class SemfidRecipe:
             finite, or no identifier can be told.
     """
 
-    def __init__(self, unet, args: argparse.Namespace, tokenizers, *, identifier: Optional[str] = None,
-                 class_word: Optional[str] = None):
+    def __init__(self, unet, args: argparse.Namespace, tokenizers=None, *, identifier: Optional[str] = None,
+                 class_word: Optional[str] = None, segments: Optional[Sequence[Tuple[object, int]]] = None):
+        if (tokenizers is None) == (segments is None):
+            raise ValueError("semfid: give exactly one of tokenizers (UNet scripts) and segments (Flux / SD3 "
+                             "text states as (tokenizers, length) pairs)")
         if getattr(args, "pre_compute_text_embeddings", False):
             raise ValueError("semfid: --pre_compute_text_embeddings is not supported by the semfid recipe: the "
                              "batch then holds text states instead of token ids and the text encoder is "
@@ -113,20 +122,20 @@ class SemfidRecipe:
         if args.semfid_class_word is not None:
             class_word = args.semfid_class_word
         self.identifier, self.class_word = identifier, class_word
-        self.tokenizers = tokenizers
+        self.tokenizers, self.segments = tokenizers, segments
         self.prior = bool(getattr(args, "with_prior_preservation", False))
         self.controller = install(unet)
         self._pending = None
         self.last_loss: Optional[torch.Tensor] = None
 
     def block(self, prompts: Sequence[str], encode: Callable[[List[str]], torch.Tensor]):
-        r"""The ``with`` block for one UNet call on a batch with these prompts.
+        r"""The ``with`` block for one model call (UNet or transformer) on a batch with these prompts.
 
         Args:
             prompts (`list[str]`): the batch's own prompts, one per row of the UNet call; with prior
                 preservation the second half are the class prompts (allowed to lack the identifier,
                 their rows are left out of the loss).
-            encode (`callable`): reference prompts → text states ``[B, 77, C]`` (or a tuple whose
+            encode (`callable`): reference prompts → text states ``[B, M, C]`` (or a tuple whose
                 first item they are), encoded as the script encodes its own prompts.
 
         Returns:
@@ -139,8 +148,12 @@ class SemfidRecipe:
         prompts = [str(p) for p in prompts]
         class_rows = len(prompts) // 2 if self.prior else 0
         rows = len(prompts) - class_rows
-        aligned = align_tokens(self.tokenizers, prompts, self.identifier, self.class_word,
-                               allow_missing=[i >= rows for i in range(len(prompts))])
+        missing = [i >= rows for i in range(len(prompts))]
+        if self.segments is not None:
+            aligned = align_joint_tokens(self.segments, prompts, self.identifier, self.class_word,
+                                         allow_missing=missing)
+        else:
+            aligned = align_tokens(self.tokenizers, prompts, self.identifier, self.class_word, allow_missing=missing)
         self._pending = None
         if self.weight == 0:
             return nullcontext()
@@ -150,12 +163,13 @@ class SemfidRecipe:
         return _LossBlock(self, self.controller.subject_loss(ref, aligned), rows)
 
     def add_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` plus the weighted subject loss of this step's UNet call (instance rows only)."""
+        """``loss`` plus the weighted subject loss of this step's model call (instance rows only)."""
         if self.weight == 0:
             return loss
         if self._pending is None:
             raise RuntimeError("semfid: no UNet call ran inside `with semfid.block(...)` this step: every "
-                               "`model_pred = unet(...)` of the training loop must be wrapped")
+                               "`model_pred = unet(...)` (or `= transformer(...)`) of the training loop must "
+                               "be wrapped")
         rec, rows = self._pending
         self._pending = None
         subject = rec.loss[:rows].mean()
