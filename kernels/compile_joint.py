@@ -5,8 +5,8 @@ build the arguments and constexprs from meta tensors in a Flux.1 layer's layout 
 (B = 1, keys [512 text, 4096 image], maps over the 4096 image queries, the reference replacing
 the text segment with 512 reference keys; diffusers' transposed views, the padding bias expanded
 over the heads). Head dims 64 (SD3), 72 (PixArt-Σ), 128 (Flux); tiles are fixed per shape class
-(no autotuning), so one config per (mode, S): every mode at S = 4, the heaviest mode of each op
-(per-head maps; the reference with gradients) at S = 77; fp32 (not gated) at one head dim.
+(no autotuning), so one config per (mode, S): every mode at S = 4, per-head cross-attention maps at
+S = 77 (the subject op takes at most 32 tokens there); fp32 (not gated) at one head dim.
 Imports only torch and triton.
 """
 
@@ -21,6 +21,8 @@ JOINT_HEADS = {64: 24, 72: 16, 128: 24}
 TEXT, IMAGE, REF_TEXT = 512, 4096, 512
 #: Selected tokens: a few subject words (4), and every CLIP token (77: BLOCK_S 128, 32-row tiles).
 JOINT_SELECTED = (4, 77)
+#: semfid.backends.triton.JOINT_SUBJECT_MAX_TOKENS (not imported: this module imports only torch/triton).
+JOINT_SUBJECT_MAX_TOKENS = 32
 #: (op, direction) modes; all are gated (0 fp16/bf16 spills): the DiT training path.
 JOINT_MODES = ("joint_xattn", "joint_maps", "joint_subj", "joint_subj_ref")
 
@@ -62,8 +64,11 @@ def joint_jobs(arch: int, dtype: str, head_dims: Sequence[int], quick: bool) -> 
             q, k, v, k_ref, bias, ref_bias, tok = _tensors(d, dtype, S)
             B, H, N, _ = q.shape
             modes = ("joint_subj", "joint_subj_ref") if quick else JOINT_MODES
-            if S > JOINT_SELECTED[0]:  # the widest column tiles: the heaviest mode of each op
-                modes = ("joint_xattn", "joint_subj_ref")
+            if S > JOINT_SUBJECT_MAX_TOKENS:
+                # The widest column tiles: cross-attention only. The Triton backend refuses the
+                # subject op with more than 32 tokens on these kernels (semfid.backends.triton): its
+                # backward spilled 8-24 B at S = 77 (sm_90, head dims 64 / 72), so it is not run.
+                modes = ("joint_xattn",)
             for mode in modes:
                 subject = mode.startswith("joint_subj")
                 detach = mode != "joint_subj_ref"

@@ -219,13 +219,13 @@ def test_backward_splits_and_tiles_depend_on_shapes_only():
 @pytest.mark.slow
 def test_key_blocked_subject_kernels_compile_without_spills():
     """The heaviest key-blocked launches (the subject op with the reference's gradient, Flux's head
-    dim 128, S = 4 and 77): forward, per-row prep, dq and both dk/dv passes, sm_90 fp16."""
+    dim 128; cross-attention at S = 77): forward, per-row prep, dq and both dk/dv passes, sm_90 fp16."""
     res = _run("--dtypes", "fp16", "--arch", "90", "--head-dims", "", "--joint-head-dims", "128",
-               "--only", " joint_subj_ref ")
+               "--only", "( joint_subj_ref S=4 | joint_xattn +S=77)")
     lines = [line for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
     for part in ("fwd ", "bwd_prep", "bwd_dq", "bwd_dkdv"):
-        for S in ("S=4 ", "S=77"):
-            assert any(part in line and S in line for line in lines), (part, S, res.stdout[-3000:])
+        for mode in ("joint_subj_ref S=4 ", "joint_xattn    S=77"):
+            assert any(part in line and mode in line for line in lines), (part, mode, res.stdout[-3000:])
     assert not [line for line in lines if line.startswith("FAIL") or "SPILLS" in line], "\n".join(lines)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
@@ -271,6 +271,8 @@ def test_key_blocked_routing_and_reasons():
     """Long keys, map_queries or ref_segment take the key-blocked kernels (per-head subject maps
     included: they do not spill there); their head-dim limit is a reason; the UNet's 77 keys stay
     on the one-pass kernels."""
+    import dataclasses
+
     import torch
     from semfid._inputs import SubjectInputs, XattnInputs
     from semfid.backends import triton as adapter
@@ -291,6 +293,10 @@ def test_key_blocked_routing_and_reasons():
     for inp in (subject(300, 7), subject(7, 300), subject(60, 20, rows=(20, 40), seg=(0, 20))):
         assert adapter._key_blocked(inp) and reasons(inp) == [], reasons(inp)
     assert any("head_dim=160 > 128" in r for r in reasons(subject(300, 7, D=160)))
+    many = subject(300, 7)
+    many = dataclasses.replace(many, tokens=torch.zeros(1, 33, dtype=torch.int64, device="meta"),
+                               ref_tokens=torch.zeros(1, 33, dtype=torch.int64, device="meta"))
+    assert any("num_selected=33 > 32 tokens" in r for r in reasons(many))
     q = torch.empty(1, 2, 40, 72, device="meta")
     k = torch.empty(1, 2, 300, 72, device="meta")
     xin = XattnInputs(q, k, k, None, None, 0.2, True)

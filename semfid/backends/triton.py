@@ -48,6 +48,8 @@ def _as_unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 #: that would import triton) and head dims of the key-blocked kernels (``_joint.JOINT_MAX_HEAD_DIM``).
 ONE_PASS_MAX_KEYS = 256
 JOINT_MAX_HEAD_DIM = 128
+#: Most tokens of the subject op on the key-blocked kernels (semfid.kernels.compile_joint gates up to it).
+JOINT_SUBJECT_MAX_TOKENS = 32
 
 
 def _key_blocked(inp: Union[XattnInputs, SubjectInputs]) -> bool:
@@ -106,6 +108,11 @@ class TritonBackend(BackendBase):
                 if dim > JOINT_MAX_HEAD_DIM:
                     reasons.append(f"{label}={dim} > {JOINT_MAX_HEAD_DIM} with num_keys > {ONE_PASS_MAX_KEYS} "
                                    "or map_queries / ref_segment (the key-blocked kernels)")
+            if isinstance(inp, SubjectInputs) and inp.num_selected > JOINT_SUBJECT_MAX_TOKENS:
+                # The compile check measured 8-24 B register spills in the subject backward at
+                # S = 77 (sm_90, head dims 64 / 72); what spills is refused, not run slowly.
+                reasons.append(f"num_selected={inp.num_selected} > {JOINT_SUBJECT_MAX_TOKENS} tokens for the "
+                               "subject op on the key-blocked kernels (its backward spills registers)")
             return reasons
         if isinstance(inp, SubjectInputs) and not inp.mean_heads and inp.device.type != "cpu":
             # Compiled for a GPU, the per-head subject backward holds A_t, A_r and both P / dS

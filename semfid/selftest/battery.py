@@ -88,7 +88,7 @@ def joint_cases(quick: bool) -> List[Case]:
             Case("xattn", D, 4608, 4608, 4, "mean", "none", "float16", True, text=512, text_first=True),
             Case("maps", D, 4429, 4429, 3, "none", "neg_inf", "bfloat16", True, text=333),
             Case("subject", D, 4608, 4608, 4, "mean", "neg_inf", "bfloat16", True, text=512, text_first=True),
-            Case("subject", D, 1100, 1100, 77, "none", "neg_10000", "float16", True, detach=False, text=300),
+            Case("subject", D, 1100, 1100, 32, "none", "neg_10000", "float16", True, detach=False, text=300),
             Case("xattn", D, 130, 300, 7, "none", "dead", "float16", True),
             Case("subject", D, 130, 300, 7, "mean", "dead_10000", "float16", True, detach=False),
         ]
