@@ -128,3 +128,17 @@ def test_info_says_which_path_a_cuda_tensor_takes_without_a_gpu():
     gated = [b.NAME for b in registered_backends() if b.SELF_VALIDATED and b.unavailable_reason() is None]
     for name in gated:
         assert repr(name) in line and "self-test" in line
+
+
+def test_memoised_choice_tells_head_mean_from_per_head_maps(fake_backend, monkeypatch):
+    """A backend may refuse per-head maps only (the Triton one does on a GPU): a choice cached for
+    head-mean maps must not be reused for per-head maps of the same shapes."""
+    def reasons(inp):
+        return [] if inp.mean_heads else ["per-head maps refused"]
+
+    monkeypatch.setattr(fake_backend, "not_supported_reasons", staticmethod(reasons))
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    mean = XattnInputs.validate(q, k, v, select=[1, 2], head_reduce="mean")
+    per_head = XattnInputs.validate(q, k, v, select=[1, 2], head_reduce="none")
+    assert select_backend(mean, "auto") is fake_backend
+    assert select_backend(per_head, "auto") is TorchBackend

@@ -71,10 +71,10 @@ def _format_reasons(inp: AnyInputs, table: Dict[str, List[str]]) -> str:
 
 def selection_key(inp: AnyInputs, backend: str) -> Tuple:
     """What a choice may depend on: the request, SEMFID_BACKEND, the op, device, dtype, head and
-    value dims, key and selected counts, bias presence, whether gradients will be needed and
-    whether the query / key ranges of a joint key set are used."""
+    value dims, key and selected counts, head-mean or per-head maps, bias presence, whether
+    gradients will be needed and whether the query / key ranges of a joint key set are used."""
     return (backend, os.environ.get(ENV_VAR, ""), type(inp), inp.device, inp.dtype, inp.head_dim,
-            inp.value_dim, inp.num_keys, inp.num_selected, inp.bias is None,
+            inp.value_dim, inp.num_keys, inp.num_selected, inp.mean_heads, inp.bias is None,
             inp.needs_grad and _pt.is_grad_enabled(), inp.joint_ranges)
 
 
