@@ -16,6 +16,7 @@ own are). The query grid comes from the call's ``img_ids`` (latent rows / column
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -41,23 +42,38 @@ def _flux_parts():
 class SemfidFluxAttnProcessor:
     r"""diffusers' ``FluxAttnProcessor``, step for step, with semfid's ops when maps are asked for.
 
+    Built with no arguments (diffusers' ``type(old)()`` in ``load_ip_adapter`` / ``unload_ip_adapter``)
+    it belongs to no controller and runs ``FluxAttnProcessor``'s math; the next ``with`` block swaps in
+    one of its own. A deep copy is a ``FluxAttnProcessor`` with the same attention backend
+    (``copy.deepcopy`` of an installed model is stock).
+
     Args:
-        name (`str`): the layer name; owner: the controller's identity token; active (`bool`): this
-            layer may capture maps.
+        name (`str`, *optional*): the layer name; owner (*optional*): the controller's identity
+            token; active (`bool`): this layer may capture maps (never without an owner).
         single (`bool`): a single-stream block's layer (text length from ``semfid_text_len``).
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, name: str, owner: object, active: bool = False, single: bool = False):
+    def __init__(self, name: Optional[str] = None, owner: object = None, active: bool = False,
+                 single: bool = False):
         self.name = name
         self.owner = owner
-        self.active = bool(active)
+        self.active = bool(active) and owner is not None
         self.single = bool(single)
 
     def __repr__(self) -> str:
         return f"SemfidFluxAttnProcessor(name={self.name!r}, active={self.active}, single={self.single})"
+
+    def __deepcopy__(self, memo):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        stock = FluxAttnProcessor()
+        for attr in ("_attention_backend", "_parallel_config"):
+            if getattr(self, attr, None) is not None:
+                setattr(stock, attr, copy.deepcopy(getattr(self, attr), memo))
+        return stock
 
     def __call__(
         self,

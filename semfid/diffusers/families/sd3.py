@@ -28,18 +28,28 @@ def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tens
 class SemfidJointAttnProcessor:
     r"""diffusers' ``JointAttnProcessor2_0``, step for step, with semfid's ops when maps are asked for.
 
+    Built with no arguments (diffusers' ``type(old)()`` in ``unload_ip_adapter``) it belongs to no
+    controller and runs ``JointAttnProcessor2_0``'s math; the next ``with`` block swaps in one of its
+    own. A deep copy is a ``JointAttnProcessor2_0`` (``copy.deepcopy`` of an installed model is stock).
+
     Args:
-        name (`str`): the layer name; owner: the controller's identity token; active (`bool`): this
-            layer may capture maps (its keys include the text and ``install(layers=...)`` chose it).
+        name (`str`, *optional*): the layer name; owner (*optional*): the controller's identity
+            token; active (`bool`): this layer may capture maps (its keys include the text and
+            ``install(layers=...)`` chose it; never without an owner).
     """
 
-    def __init__(self, name: str, owner: object, active: bool = False):
+    def __init__(self, name: Optional[str] = None, owner: object = None, active: bool = False):
         self.name = name
         self.owner = owner
-        self.active = bool(active)
+        self.active = bool(active) and owner is not None
 
     def __repr__(self) -> str:
         return f"SemfidJointAttnProcessor(name={self.name!r}, active={self.active})"
+
+    def __deepcopy__(self, memo):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        return JointAttnProcessor2_0()
 
     def __call__(
         self,
