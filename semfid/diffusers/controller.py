@@ -87,6 +87,17 @@ Tensor = torch.Tensor
 # ------------------------------------------------------------------------------------------------
 # the controller
 # ------------------------------------------------------------------------------------------------
+class _ThreadState(threading.local):
+    """Per-thread state of a controller. ``threading.local`` runs ``__init__`` in every thread
+    that touches it, so both attributes always exist: a compiled model's guards on them then
+    compare values, not whether the attribute exists (which the first reference pass of a joint
+    model would otherwise change, recompiling the next step)."""
+
+    def __init__(self):
+        self.frames: Tuple = ()
+        self.in_reference = False
+
+
 class _Owner:
     """Identity token shared by a controller and its processors (no reference back to the UNet)."""
 
@@ -150,7 +161,7 @@ class SemfidController:
         self._processors = {n: self._new_processor(n, m) for n, m in modules.items()}
         self._k_width = {n: family.key_width(cross[n]) for n in self.layers}
         self._v_width = {n: family.value_width(cross[n]) for n in self.layers}
-        self._local = threading.local()
+        self._local = _ThreadState()
         self._lock = threading.Lock()
         for n, m in modules.items():
             m.set_processor(self._processors[n])
@@ -229,7 +240,7 @@ class SemfidController:
 
     # ---- per-thread active requests ------------------------------------------------------------
     def _frames(self) -> Tuple[Request, ...]:
-        return getattr(self._local, "frames", ())
+        return self._local.frames
 
     def _push(self, request: Request) -> None:
         frames = self._frames()
@@ -249,7 +260,7 @@ class SemfidController:
 
     def _pre_hook(self, module, args, kwargs):
         frames = self._frames()
-        if not frames or getattr(self._local, "in_reference", False):  # none, or the reference pass
+        if not frames or self._local.in_reference:  # none, or the reference pass
             return None
         names = set().union(*(f.layers for f in frames))
         self._check_processors(names)

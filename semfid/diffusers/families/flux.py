@@ -180,6 +180,10 @@ class FluxFamily(Family):
     def grids(self, get: ArgGetter, names):
         ids = get("img_ids")
         grid = None
+        # Reading the grid off img_ids is a host sync, a data-dependent graph break under
+        # torch.compile: traced calls leave it to the recorder, which infers square grids.
+        if torch.compiler.is_compiling():
+            return {n: None for n in names}
         if isinstance(ids, torch.Tensor) and ids.shape[-1] == 3 and ids.numel():
             ids = ids.reshape(-1, 3)
             grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)  # one host sync per call
