@@ -104,9 +104,6 @@ class SemfidRecipe:
 
     def __init__(self, unet, args: argparse.Namespace, tokenizers=None, *, identifier: Optional[str] = None,
                  class_word: Optional[str] = None, segments: Optional[Sequence[Tuple[object, int]]] = None):
-        if (tokenizers is None) == (segments is None):
-            raise ValueError("semfid: give exactly one of tokenizers (UNet scripts) and segments (Flux / SD3 "
-                             "text states as (tokenizers, length) pairs)")
         if getattr(args, "pre_compute_text_embeddings", False):
             raise ValueError("semfid: --pre_compute_text_embeddings is not supported by the semfid recipe: the "
                              "batch then holds text states instead of token ids and the text encoder is "
@@ -115,6 +112,9 @@ class SemfidRecipe:
         if not (weight >= 0 and weight < float("inf")):
             raise ValueError(f"semfid: --semfid_weight must be a finite number >= 0, got {args.semfid_weight!r}")
         self.weight = weight
+        if (tokenizers is None) == (segments is None):
+            raise ValueError("semfid: give exactly one of tokenizers (UNet scripts) and segments (Flux / SD3 "
+                             "text states as (tokenizers, length) pairs)")
         if args.semfid_identifier is not None:
             identifier, class_word = args.semfid_identifier, args.semfid_class_word
         elif identifier is None:
