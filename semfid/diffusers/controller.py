@@ -22,16 +22,9 @@ Usage::
         unet(latents, t, encoder_hidden_states=key_states)
     ctl.uninstall()                                        # the previous processors, as they were
 
-How state reaches the processors. A forward pre-hook on the UNet runs at every call. When the
-calling thread has an active ``with`` block of this controller, the hook validates the requests
-(already checked once at block entry, :mod:`.blocks`) against the call's ``encoder_hidden_states``
-once, places the token selections on the call's device and puts one per-call state
-(:class:`~semfid.diffusers.requests.CallState`, one plan per layer) into
-``cross_attention_kwargs["semfid_call"]``. diffusers hands that dict to every transformer block and
-processor, and gradient checkpointing keeps it in its recompute closure, so the recompute during
-backward (after the ``with`` block has exited) runs exactly what the forward ran and does not record
-a second time. Nothing is read from the controller during a recompute. Active blocks live in
-``threading.local`` storage: each thread sees only its own.
+How state reaches the processors (a forward pre-hook, one validated per-call state in
+``cross_attention_kwargs["semfid_call"]``, safe under gradient checkpointing and per thread):
+ARCHITECTURE.md, "Per-call state".
 
 Limits:
 
@@ -40,32 +33,14 @@ Limits:
 * Wrapping the *whole* UNet call in ``torch.utils.checkpoint`` (instead of
   ``unet.enable_gradient_checkpointing()``) re-runs the hook during backward, outside the block:
   don't.
-* ``torch.compile`` (torch 2.14; ``tests/test_compile_blocks.py``): the pre-hook and the processors
-  trace into the model's graph with no break, so ``torch.compile(unet, fullgraph=True)`` works
-  with a block active. A call reads from its blocks only tensors (token indices, loss weights,
-  reference / value states, masks: guarded on shape, dtype and device) and static values
-  (:mod:`.requests`), and results leave through plain dicts the recorder reads afterwards, so a
-  compiled model compiles once per *shape class*: not again when every training step opens a new
-  block with new reference states, a new token list of the same length or a new mask, nor per
-  call of a sampling loop inside one ``capture`` block. What does compile a new graph (each a
-  change of the traced program or of its shapes): another number of tokens S (or other per-row
-  lengths of ragged lists), another set of layers, ``head_reduce`` or ``keep_maps``, a reference
-  mask / value states / per-layer dicts given where they were not, another set of nested blocks,
-  another batch size, text length M or M_ref, latent size, dtype, device or grad mode, and a new
-  controller (``install``). Dynamo's automatic dynamic shapes may turn a size that changed into a
-  symbol after its first recompile. Traced, a token list cannot be range-checked before the call:
-  its indices are clamped to M - 1 in the graph and the ``ValueError`` comes when the block exits
-  (or the recorder is read). A compiled sampling loop under ``capture(accumulate="mean")`` keeps
-  each call's maps until the recorder is read (an eager one folds them at every call). With
-  gradient checkpointing, Dynamo refuses side effects inside ``torch.utils.checkpoint`` unless
-  ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True``: set it, since
-  semfid records in the forward only (an eager recompute records nothing either).
+* ``torch.compile``: ``fullgraph=True`` works with a block active and compiles once per *shape
+  class* (not per step or per block); what does recompile, and why, is in ARCHITECTURE.md,
+  "Under torch.compile".
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -76,6 +51,7 @@ from .._inputs import TokensLike
 from .adoption import PreHook, adopt_ip, register_with_diffusers, stands_in_for, stock_equivalent
 from .blocks import capture_block, subject_loss_block, values_block
 from .families import detect_family, processor_modules
+from .forward_args import ForwardArgs
 from .families.reference import KEYS_KWARG as REF_KEYS_KWARG, reference_keys
 from .layers import LayerFilter, resolve_layers
 from .processors import CALL_KWARG, SemfidAttnProcessor
@@ -119,17 +95,9 @@ class SemfidController:
         cross = family.text_layers(modules)
         if not cross:
             raise ValueError(f"unet ({kind}) has no attention layers whose keys include the text to install on")
-        try:
-            params = list(inspect.signature(unet.forward).parameters)
-        except (TypeError, ValueError):
-            params = []
-        arg_names = (family.latent_arg, "encoder_hidden_states", family.kwargs_arg)
-        for needed in arg_names:
-            if needed not in params:
-                raise ValueError(f"unet.forward must take `{needed}` (a diffusers {family.name} model "
-                                 f"does); {kind}.forward takes {params}")
+        self._args = ForwardArgs(unet, (family.latent_arg, "encoder_hidden_states", family.kwargs_arg),
+                                 family.name)
         self._family = family
-        self._arg_index = {p: params.index(p) for p in params}
         foreign = [(n, type(m.processor).__name__) for n, m in modules.items()
                    if not stands_in_for(m.processor, family.replaceable)]
         if foreign:
@@ -252,29 +220,23 @@ class SemfidController:
         self._local.frames = tuple(f for f in self._frames() if f is not request)
 
     # ---- the UNet pre-hook: one validation per UNet call -----------------------------------------
-    def _get_arg(self, args, kwargs, name):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._arg_index.get(name, len(args))
-        return args[i] if i < len(args) else None
-
     def _pre_hook(self, module, args, kwargs):
         frames = self._frames()
         if not frames or self._local.in_reference:  # none, or the reference pass
             return None
         names = set().union(*(f.layers for f in frames))
         self._check_processors(names)
-        ehs = self._get_arg(args, kwargs, "encoder_hidden_states")
+        ehs = self._args.get(args, kwargs, "encoder_hidden_states")
         if not isinstance(ehs, Tensor) or ehs.dim() != 3:
             raise ValueError(
                 "semfid needs encoder_hidden_states [B, M, C] in the UNet call while a capture / "
                 f"subject_loss / values block is active, got {type(ehs).__name__}"
             )
         kwarg = self._family.kwargs_arg
-        cak = self._get_arg(args, kwargs, kwarg)
+        cak = self._args.get(args, kwargs, kwarg)
         if cak is not None and not isinstance(cak, dict):
             raise TypeError(f"{kwarg} must be a dict or None, got {type(cak).__name__}")
-        get = functools.partial(self._get_arg, args, kwargs)
+        get = functools.partial(self._args.get, args, kwargs)
         grids: Dict[str, Optional[Tuple[int, int]]] = self._family.grids(get, names)
         call = plan_call(self._owner, frames, ehs, grids)
 
@@ -284,18 +246,11 @@ class SemfidController:
         loss = next((f for f in frames if isinstance(f, LossRequest)), None)
         if loss is not None and self._family.joint:  # joint blocks: keys of the reference prompt
             merged[REF_KEYS_KWARG] = self._reference_keys(module, args, kwargs, loss)
-        i = self._arg_index[kwarg]
-        if kwarg not in kwargs and i < len(args):
-            args = args[:i] + (merged,) + args[i + 1:]
-        else:
-            kwargs = dict(kwargs)
-            kwargs[kwarg] = merged
-        return args, kwargs
+        return self._args.replace(args, kwargs, kwarg, merged)
 
     def _reference_keys(self, module, args, kwargs, request: LossRequest) -> Dict[str, Tensor]:
         """The reference pass of a joint model's call (:mod:`.families.reference`)."""
-        named = {p: args[i] for p, i in self._arg_index.items() if i < len(args)}
-        named.update(kwargs)
+        named = self._args.named(args, kwargs)
         self._local.in_reference = True
         try:
             return reference_keys(module, self._family, named, request, self._owner)
