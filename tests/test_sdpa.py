@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import semfid
+from semfid._inputs import SubjectInputs, XattnInputs
 from semfid.backends import get_backend
 from semfid.backends import sdpa
 from semfid.testing import SavedBytes, assert_close_rule, attention_ref, subject_ref
@@ -68,6 +69,18 @@ def _leaf(t):
 def _grads(outputs, upstream, inputs):
     total = sum((o.to(torch.float64) * g.to(torch.float64)).sum() for o, g in zip(outputs, upstream))
     return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+def _xattn_backward(q, k, v, bias, select, scale, mean_heads, *saved_and_grads):
+    """The backend's xattn backward (joint's augmented backward from the saved out and lse)."""
+    inp = XattnInputs(q, k, v, bias, select, scale, mean_heads)
+    return get_backend("sdpa").backward(inp, *saved_and_grads)
+
+
+def _subject_backward(*args):
+    """The backend's subject backward; args as ``sdpa.subject_forward``'s (less return_maps),
+    then out, lse, lse_ref, diff, dout, dloss, dmaps."""
+    return get_backend("sdpa").subject_backward(SubjectInputs(*args[:12], True), *args[12:])
 
 
 def _atol(*refs) -> float:
@@ -137,7 +150,7 @@ def test_xattn_lse_layout_and_dead_rows(dtype, lse_path):
     torch.testing.assert_close(lse[1].double(), torch.logsumexp(logits[1], -1), rtol=1e-5, atol=1e-5)
     assert torch.all(out[0] == 0) and torch.all(maps[0] == 0)
     assert out.transpose(1, 2).is_contiguous()  # [B, N, H, Dv] memory: the processor's reshape is a view
-    dq, dk, dv = sdpa.xattn_backward(q, k, v, bias, torch.tensor([[0, 3]] * B), 0.7, False, out, lse,
+    dq, dk, dv = _xattn_backward(q, k, v, bias, torch.tensor([[0, 3]] * B), 0.7, False, out, lse,
                                      torch.randn_like(out), torch.randn_like(maps))
     for g in (dq, dk, dv):
         assert torch.isfinite(g).all() and torch.all(g[0] == 0)
@@ -237,7 +250,7 @@ def test_subject_contract_matches_reference(case: SubjectCase, dtype, lse_path):
     maps_grad = upstream[2].to(acc)
     if weights is not None:
         maps_grad = maps_grad * ((weights > 0)[:, None, :] if mean else (weights > 0)[:, None, None, :])
-    dq, dk, dv, dk_ref = sdpa.subject_backward(
+    dq, dk, dv, dk_ref = _subject_backward(
         q, k, v, k_ref, _canonical(bias, H), _canonical(ref_bias, H), tokens, ref_tokens, weights,
         scale, mean, case.detach, out, lse, lse_ref, diff, upstream[0].to(dtype),
         upstream[1].to(acc), maps_grad)
@@ -262,7 +275,7 @@ def test_subject_backward_with_partial_gradients():
     out, lse, lse_ref, loss, _, diff = sdpa.subject_forward(*args, False)
     dout, dloss = torch.randn_like(out), torch.randn(B, dtype=torch.float64)
     for d_o, d_l in ((dout, None), (None, dloss), (None, None)):
-        got = sdpa.subject_backward(*args, out, lse, lse_ref, diff, d_o, d_l, None)
+        got = _subject_backward(*args, out, lse, lse_ref, diff, d_o, d_l, None)
         ins = [_leaf(t) for t in (q, k, v, k_ref)]
         r_out, r_loss = subject_ref(*ins, tokens=tokens, detach_reference=False)
         terms = [(o, g) for o, g in ((r_out, d_o), (r_loss, d_l)) if g is not None]
@@ -272,10 +285,126 @@ def test_subject_backward_with_partial_gradients():
 
 
 # ------------------------------------------------------------------------------------------------
+# backward from the saved out and lse: no forward recompute; the CUDA gate
+# ------------------------------------------------------------------------------------------------
+def _every_gradient(layout: str):
+    """Forward of one op with every gradient path (dout, loss through a non-detached reference,
+    per-head maps) on the UNet path (77 keys) or a Flux-like joint layout; returns (outputs, leaves)."""
+    B, H, N, M, D = 1, 2, 19, 77, 24
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (N, M, M))
+    k_ref = torch.randn(B, H, 5, D, requires_grad=True)
+    joint = dict(map_queries=(3, N), ref_segment=(0, 4)) if layout == "joint" else {}
+    subject = semfid.subject_attention(q, k, v, k_ref, tokens=[1, 2], detach_reference=False,
+                                       head_reduce="none", return_maps=True, backend="sdpa", **joint)
+    xattn = semfid.cross_attention(q, k, v, select=[0, 3], backend="sdpa",
+                                   map_queries=joint.get("map_queries"))
+    maps_only = semfid.attention_maps(q, k, select=[2], backend="sdpa",
+                                      map_queries=joint.get("map_queries"))
+    return [*subject, *xattn, maps_only], [q, k, v, k_ref]
+
+
+@pytest.mark.parametrize("layout", ["unet", "joint"])
+def test_backward_does_not_recompute_the_forward(layout, monkeypatch):
+    """Backward feeds PyTorch's fused CPU backward the saved out and lse: no forward kernel runs
+    in backward (counted at the one function every sdpa forward goes through). Forcing the
+    recompute fallback is seen by the same count, so the check can fail."""
+    from semfid.backends import sdpa_backward
+
+    calls = {"forward": 0, "saved": 0}
+    forward, saved = sdpa._fused_with_lse, sdpa_backward.cpu_backward
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(sdpa, "_fused_with_lse", counted("forward", forward))
+    monkeypatch.setattr(sdpa_backward, "cpu_backward", counted("saved", saved))
+    for recompute in (False, True):
+        if recompute:
+            monkeypatch.setattr(sdpa_backward, "uses_saved_lse", lambda device, dtype: False)
+        outputs, leaves = _every_gradient(layout)
+        assert calls["forward"] > 0
+        calls.update(forward=0, saved=0)
+        torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+        if recompute:
+            assert calls["forward"] > 0 and calls["saved"] == 0
+        else:
+            assert calls["forward"] == 0 and calls["saved"] >= 3, calls
+
+
+def test_saved_lse_backward_gate_on_cuda(monkeypatch):
+    """The CUDA saved-lse backward runs only where its one-time self-check passed (verdict cached
+    per device and dtype, injected here: no GPU needed); elsewhere the forward is recomputed,
+    with the reason recorded and one warning."""
+    from semfid.backends import sdpa_backward as sb
+
+    checks = []
+    verdicts = {torch.float16: None, torch.bfloat16: "dq differs from the recompute's by 0.5"}
+
+    def fake_check(device, dtype, backward=sb.cuda_backward):
+        checks.append((str(device), dtype))
+        return verdicts[dtype]
+
+    monkeypatch.setattr(sb, "self_check", fake_check)
+    monkeypatch.setattr(sb, "VERDICTS", {})
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert sb.backward_kernel(gpu0, torch.float16) is sb.cuda_backward
+    assert sb.backward_kernel(gpu0, torch.float16) is sb.cuda_backward  # cached: checked once
+    with pytest.warns(UserWarning, match="self-check on cuda:0 torch.bfloat16.*0.5"):
+        assert sb.backward_kernel(gpu0, torch.bfloat16) is sb.recompute_backward
+    assert sb.backward_kernel(gpu0, torch.bfloat16) is sb.recompute_backward
+    assert sb.VERDICTS == {("cuda:0", torch.float16): None, ("cuda:0", torch.bfloat16): verdicts[torch.bfloat16]}
+    assert sb.backward_kernel(gpu1, torch.float16) is sb.cuda_backward  # its own check
+    # no saved-lse kernel for float64 on CUDA; CPU needs no check
+    assert sb.backward_kernel(gpu0, torch.float64) is sb.recompute_backward
+    assert sb.backward_kernel(torch.device("cpu"), torch.bfloat16) is sb.cpu_backward
+    assert checks == [("cuda:0", torch.float16), ("cuda:0", torch.bfloat16), ("cuda:1", torch.float16)]
+
+
+def test_self_check_passes_a_right_backward_and_refuses_wrong_ones():
+    """The self-check itself, run on CPU: PyTorch's CPU saved-lse backward passes; a backward 1%
+    off, one that ignores the -inf key, and a kernel that refuses the device each give a reason."""
+    from semfid.backends import sdpa_backward as sb
+
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert sb.self_check(cpu, dtype, sb.cpu_backward) is None, dtype
+
+    def off_by_one_percent(*args):
+        return [g * 1.01 for g in sb.cpu_backward(*args)]
+
+    def ignores_bias(q, k, vv, bias, *rest):
+        return sb.cpu_backward(q, k, vv, None, *rest)
+
+    assert "differs" in sb.self_check(cpu, torch.float32, off_by_one_percent)
+    assert "differs" in sb.self_check(cpu, torch.float16, ignores_bias)
+    assert "NotImplementedError" in sb.self_check(cpu, torch.float16, sb.cuda_backward)
+
+
+def test_cuda_backward_call_matches_the_op_schema():
+    """The CUDA saved-lse call (argument order, padded lse, philox placeholders, bias layout) is
+    accepted by PyTorch's meta kernel of the op and gives gradients of the inputs' shapes."""
+    from semfid.backends import sdpa_backward as sb
+
+    B, H, N, M, D, W = 2, 3, 37, 45, 20, 27
+    meta = dict(device="meta", dtype=torch.float16)
+    q, k, vv = torch.empty(B, H, N, D, **meta), torch.empty(B, H, M, D, **meta), torch.empty(B, H, M, W, **meta)
+    out, dout = torch.empty(B, H, N, W, **meta), torch.empty(B, H, N, W, **meta)
+    lse = torch.empty(B, H, N, device="meta")
+    for bias in (None, torch.zeros(B, H, M, device="meta")):
+        dq, dk, dvv = sb.cuda_backward(q, k, vv, bias, D ** -0.5, out, lse, dout)
+        assert (dq.shape, dk.shape, dvv.shape) == (q.shape, k.shape, vv.shape)
+
+
+# ------------------------------------------------------------------------------------------------
 # memory and registration
 # ------------------------------------------------------------------------------------------------
 def test_recomputed_forward_does_not_keep_probabilities():
-    """The backward's recompute goes through a fused kernel: autograd keeps far less than P."""
+    """The fallback backward's recompute (CUDA where the saved-lse kernel failed its self-check)
+    goes through a fused kernel: autograd keeps far less than P."""
     B, H, N, M, D, S = 2, 8, 1024, 77, 40, 10
     q, k = (torch.randn(B, H, n, D, requires_grad=True) for n in (N, M))
     v = torch.randn(B, H, M, D, requires_grad=True)

@@ -10,9 +10,9 @@ Three implementations of one interface (``attend`` / ``attend_backward``, shapes
 * :class:`FusedCpu` — PyTorch's fused CPU flash-attention kernels
   (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``), blocked over
   queries and keys in C++; the backward takes the saved out and lse (nothing recomputed).
-* :class:`SdpaRecompute` — the same forward as the ``sdpa`` backend (:func:`semfid.backends.sdpa.attend`:
-  memory-efficient / flash / cuDNN on CUDA), backward by recomputing it under autograd (PyTorch's
-  validated backward kernels).
+* :class:`SdpaFused` — the ``sdpa`` backend's forward (:func:`semfid.backends.sdpa.attend`: the
+  fused CPU kernel, memory-efficient on CUDA) and backward from the saved out and lse
+  (:mod:`semfid.backends.sdpa_backward`: on CUDA once self-checked, else by recomputing).
 
 ``attend(q, k, v, bias, scale) -> (out, lse)``:
     q [B, H, N, D], k [B, H, M, D], v [B, H, M, W], bias [B, H, M] (acc dtype) or None.
@@ -31,7 +31,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .._inputs import accumulation_dtype
-from .sdpa import _mask, _padded_widths, _pad_last, attend as sdpa_attend, autograd_inside_op
+from .sdpa import attend as sdpa_attend
+from .sdpa_backward import cpu_backward, saved_backward
 
 Tensor = torch.Tensor
 Result = Tuple[Tensor, Tensor]
@@ -140,32 +141,15 @@ class FusedCpu:
                         out: Tensor, lse: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         if k.shape[2] == 0 or q.shape[2] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vv)
-        width = vv.shape[-1]
-        wq, wv = _padded_widths("cpu", q.shape[-1], width)
-        mask, _ = _mask(bias, q.dtype)  # dead rows: bias 0 there, lse +inf makes P = 0
-        dt = q.dtype
-        lse_k = lse.to(torch.float64 if dt == torch.float64 else torch.float32).contiguous()
-        dq, dk, dvv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _pad_last(dout.to(dt), wv).contiguous(), _pad_last(q, wq), _pad_last(k, wq),
-            _pad_last(vv.to(dt), wv), _pad_last(out.to(dt), wv).contiguous(), lse_k, 0.0, False,
-            attn_mask=mask, scale=scale)
-        return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dvv[..., :width]
+        return cpu_backward(q, k, vv, bias, scale, out, lse, dout)
 
 
-class SdpaRecompute:
-    """The ``sdpa`` backend's forward; backward through PyTorch's autograd of a recomputation."""
+class SdpaFused:
+    """The ``sdpa`` backend's forward; backward by PyTorch's fused kernels from the saved out and
+    lse (:func:`semfid.backends.sdpa_backward.saved_backward`)."""
 
     attend = staticmethod(fused_attend)
-
-    @staticmethod
-    def attend_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
-                        out: Tensor, lse: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        if k.shape[2] == 0 or q.shape[2] == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vv)
-        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, vv))
-        with autograd_inside_op():
-            o, _ = sdpa_attend(qg, kg, vg, bias, scale)
-        return torch.autograd.grad([o], [qg, kg, vg], [dout.to(o.dtype)], allow_unused=True)
+    attend_backward = staticmethod(saved_backward)
 
 
-__all__ = ["Blocked", "FusedCpu", "SdpaRecompute"]
+__all__ = ["Blocked", "FusedCpu", "SdpaFused"]

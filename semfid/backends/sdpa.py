@@ -12,10 +12,12 @@ Its backward with ``dO' = [dO, G]`` is the fused backward of out and the maps, b
 gradient becomes ``G / H`` on every head. The reference maps of the subject loss are
 ``SDPA(q, k_ref, E_sel_ref)``.
 
-Forward and backward are PyTorch's validated kernels (the fused CPU kernel; memory-efficient /
-flash / cuDNN on CUDA, whichever PyTorch picks). Backward recomputes the forward with autograd
-enabled and calls ``torch.autograd.grad`` with ``dO'``: nothing beyond the op's own inputs, out and
-lse is kept between forward and backward. Padding:
+Forward and backward are PyTorch's own kernels (the fused CPU flash kernel; the memory-efficient
+kernel on CUDA). The forward is here; the backward (:mod:`semfid.backends.sdpa_backward`, through
+:mod:`semfid.backends.joint`) feeds PyTorch's fused backward kernel the saved out and lse with
+``dO' = [dO, G]`` (the maps ``A`` of out' rebuilt from lse), so nothing is recomputed; on CUDA only
+after a one-time self-check on that device (else the forward is recomputed under autograd).
+Nothing beyond the op's own inputs, out and lse is kept between forward and backward. Padding:
 
 * CPU: PyTorch's fused kernel needs equal q/k/v head dims, so q and k are padded with zeros to the
   augmented value width (or the values to the head dim). Zero columns leave the logits unchanged;
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,17 @@ def _mask(bias: Optional[Tensor], dtype: torch.dtype) -> Tuple[Optional[Tensor],
     return mask, keep
 
 
+def _efficient_bias(mask: Optional[Tensor], num_queries: int) -> Optional[Tensor]:
+    """The memory-efficient CUDA kernel's bias [B, H, N, M] from mask [B, H, 1, M]: rows padded
+    to 16 elements in memory, as PyTorch's own SDPA dispatch does, expanded over the queries."""
+    if mask is None:
+        return None
+    M = mask.shape[-1]
+    padded = mask.new_zeros(*mask.shape[:-1], _round_up(M, 16))
+    padded[..., :M] = mask
+    return padded[..., :M].expand(-1, -1, num_queries, -1)
+
+
 def _chunked_lse(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
     """logsumexp of q kᵀ·scale + mask over the keys, [B, H, N] in the accumulation dtype."""
     acc = accumulation_dtype(q.dtype)
@@ -106,15 +119,8 @@ def _fused_with_lse(q: Tensor, k: Tensor, vv: Tensor, mask: Optional[Tensor],
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, vv, attn_mask=mask, scale=scale)
             if q.device.type == "cuda" and q.dtype != torch.float64:
-                bias = None
-                if mask is not None:
-                    # Bias rows padded to 16 elements, as PyTorch's own SDPA dispatch does.
-                    M = mask.shape[-1]
-                    padded = mask.new_zeros(*mask.shape[:-1], _round_up(M, 16))
-                    padded[..., :M] = mask
-                    bias = padded[..., :M].expand(-1, -1, q.shape[2], -1)
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, vv, bias, True, 0.0, False, scale=scale)[:2]
+                    q, k, vv, _efficient_bias(mask, q.shape[2]), True, 0.0, False, scale=scale)[:2]
                 return out, lse[..., : q.shape[2]]
         except (RuntimeError, NotImplementedError) as exc:
             if key not in _WARNED_FALLBACK:
@@ -215,20 +221,8 @@ def autograd_inside_op() -> Iterator[None]:
         yield
 
 
-def _requiring_grad(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
-    return [None if t is None else t.detach().requires_grad_() for t in tensors]
-
-
-def grads(outputs: List[Tensor], grad_outputs: List[Tensor],
-          inputs: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
-    """torch.autograd.grad over the inputs that are not None (None entries stay None)."""
-    live = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(outputs, live, grad_outputs, allow_unused=True))
-    return [None if t is None else next(got) for t in inputs]
-
-
 # ------------------------------------------------------------------------------------------------
-# cross_attention / attention_maps: xattn_fwd / xattn_bwd
+# cross_attention / attention_maps: xattn_fwd
 # ------------------------------------------------------------------------------------------------
 def xattn_forward(q: Tensor, k: Tensor, v: Optional[Tensor], bias: Optional[Tensor],
                   select: Optional[Tensor], scale: float, mean_heads: bool
@@ -243,27 +237,8 @@ def xattn_forward(q: Tensor, k: Tensor, v: Optional[Tensor], bias: Optional[Tens
     return out, lse, maps
 
 
-def xattn_backward(q: Tensor, k: Tensor, v: Optional[Tensor], bias: Optional[Tensor],
-                   select: Optional[Tensor], scale: float, mean_heads: bool, out: Tensor,
-                   lse: Tensor, dout: Optional[Tensor], dmaps: Optional[Tensor]
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): SDPA's own backward of the recomputed forward with dO' = [dO, G]."""
-    use_dout = v is not None and dout is not None
-    use_dmaps = select is not None and dmaps is not None
-    no_dv = q.new_empty(0) if v is None else torch.zeros_like(v)
-    if not (use_dout or use_dmaps):
-        return torch.zeros_like(q), torch.zeros_like(k), no_dv
-    qg, kg, vg = _requiring_grad(q, k, v if use_dout else None)
-    with autograd_inside_op():
-        o, _ = attend(qg, kg, augmented_values(vg, select if use_dmaps else None, kg), bias, scale)
-    d_o = ([dout.to(q.dtype)] if use_dout else []) + (
-        [per_head_grad(dmaps, q.shape[1], mean_heads, q.dtype)] if use_dmaps else [])
-    dq, dk, dv = grads([o], [torch.cat(d_o, dim=-1)], [qg, kg, vg])
-    return like(q, dq), like(k, dk), (like(v, dv) if v is not None else no_dv)
-
-
 # ------------------------------------------------------------------------------------------------
-# subject_attention: subject_fwd / subject_bwd (CONTRACT.md)
+# subject_attention: subject_fwd (CONTRACT.md)
 # ------------------------------------------------------------------------------------------------
 def _column_weights(weights: Optional[Tensor], select: Tensor, acc: torch.dtype) -> Tensor:
     """[B, S] loss weight per selected column: ``weights``, or 1/S for rectangular rows."""
@@ -297,43 +272,3 @@ def subject_forward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Option
         lse_ref = q.new_empty(0, dtype=acc)
     return (out_layout(o[..., : v.shape[-1]]), lse, lse_ref, loss, maps,
             diff if mean_heads else q.new_empty(0, dtype=acc))
-
-
-def subject_backward(q: Tensor, k: Tensor, v: Tensor, k_ref: Tensor, bias: Optional[Tensor],
-                     ref_bias: Optional[Tensor], tokens: Tensor, ref_tokens: Tensor,
-                     weights: Optional[Tensor], scale: float, mean_heads: bool,
-                     detach_reference: bool, out: Tensor, lse: Tensor, lse_ref: Tensor,
-                     diff: Tensor, dout: Optional[Tensor], dloss: Optional[Tensor],
-                     dmaps: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dk_ref): the map/loss gradient G_t (G_r) appended to dO, SDPA's backward."""
-    B, H, N, _ = q.shape
-    acc = accumulation_dtype(q.dtype)
-    ref_grad = not detach_reference and dloss is not None
-    need_ref = ref_grad or (not mean_heads and dloss is not None)
-    qg, kg, vg, krg = _requiring_grad(q, k, v if dout is not None else None,
-                                      k_ref if ref_grad else None)
-    with autograd_inside_op():
-        o_t, _ = attend(qg, kg, augmented_values(vg, tokens, kg), bias, scale)
-        o_r = None
-        if need_ref:
-            with torch.enable_grad() if ref_grad else torch.no_grad():
-                o_r, _ = attend(qg if ref_grad else q, krg if ref_grad else k_ref,
-                                augmented_values(None, ref_tokens, k_ref), ref_bias, scale)
-    a_t = o_t[..., 0 if vg is None else v.shape[-1]:]
-    g = torch.zeros(a_t.shape if not mean_heads else (B, N, a_t.shape[-1]), dtype=acc,
-                    device=q.device)
-    if dloss is not None:
-        d = diff if mean_heads else a_t.detach().to(acc) - o_r.detach().to(acc)
-        c = 2.0 * dloss.to(acc) / (N * (1 if mean_heads else H))
-        g = _broadcast(c[:, None] * _column_weights(weights, tokens, acc), d) * d
-    g_t = g if dmaps is None else g + dmaps.to(acc)
-    d_o = per_head_grad(g_t, H, mean_heads, q.dtype)
-    if vg is not None:
-        d_o = torch.cat([dout.to(q.dtype), d_o], dim=-1)
-    outputs, grad_outputs = [o_t], [d_o]
-    if ref_grad:
-        outputs.append(o_r)
-        grad_outputs.append(per_head_grad(-g, H, mean_heads, q.dtype))
-    dq, dk, dv, dk_ref = grads(outputs, grad_outputs, [qg, kg, vg, krg])
-    return (like(q, dq), like(k, dk), like(v, dv),
-            q.new_empty(0) if detach_reference else like(k_ref, dk_ref))

@@ -1,7 +1,10 @@
-"""The ``sdpa`` backend: the math of :mod:`semfid.backends.sdpa` (UNet-sized key sets) and, for
-long or joint key sets, :mod:`semfid.backends.joint` on PyTorch's fused attention calls
-(:class:`~semfid.backends.primitives.SdpaRecompute`: the split lse, the reference at the price of
-its own keys, backward through PyTorch's autograd of its fused kernels).
+"""The ``sdpa`` backend: the forward of :mod:`semfid.backends.sdpa` (UNet-sized key sets: one
+augmented-value SDPA call per key set) and, for long or joint key sets, :mod:`semfid.backends.joint`
+on PyTorch's fused attention calls (:class:`~semfid.backends.primitives.SdpaFused`: the split lse,
+the reference at the price of its own keys). Every backward is :mod:`semfid.backends.joint`'s
+augmented-value backward on PyTorch's fused backward kernel fed the saved out and lse
+(:mod:`semfid.backends.sdpa_backward`; the forward is recomputed only on CUDA where the kernel
+failed its self-check).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from .._inputs import SubjectInputs, XattnInputs
 from . import joint
 from .registry import register_backend
 from .base import BackendBase
-from .primitives import SdpaRecompute
-from .sdpa import subject_backward, subject_forward, xattn_backward, xattn_forward
+from .primitives import SdpaFused
+from .sdpa import subject_forward, xattn_forward
 
 # More keys than this (or joint ranges): the subject op through the split lse of
 # semfid.backends.joint (the reference at the price of its own keys), not two full SDPA calls.
@@ -41,28 +44,22 @@ class SdpaBackend(BackendBase):
     @staticmethod
     def forward(inp: XattnInputs):
         if inp.joint_ranges:
-            return joint.xattn_forward(SdpaRecompute, inp)
+            return joint.xattn_forward(SdpaFused, inp)
         return xattn_forward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads)
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps):
-        if inp.joint_ranges:
-            return joint.xattn_backward(SdpaRecompute, inp, out, lse, dout, dmaps)
-        return xattn_backward(inp.q, inp.k, inp.v, inp.bias, inp.select, inp.scale, inp.mean_heads,
-                              out, lse, dout, dmaps)
+        return joint.xattn_backward(SdpaFused, inp, out, lse, dout, dmaps)
 
     @staticmethod
     def subject_forward(inp: SubjectInputs):
         if _split_lse(inp):
-            return joint.subject_forward(SdpaRecompute, inp)
+            return joint.subject_forward(SdpaFused, inp)
         return subject_forward(*_subject_args(inp), inp.return_maps)
 
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps):
-        if _split_lse(inp):
-            return joint.subject_backward(SdpaRecompute, inp, out, lse, lse_ref, diff, dout,
-                                          dloss, dmaps)
-        return subject_backward(*_subject_args(inp), out, lse, lse_ref, diff, dout, dloss, dmaps)
+        return joint.subject_backward(SdpaFused, inp, out, lse, lse_ref, diff, dout, dloss, dmaps)
 
 
 def _split_lse(inp: SubjectInputs) -> bool:
