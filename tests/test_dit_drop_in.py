@@ -50,7 +50,28 @@ def test_processors_rebuilt_with_no_arguments_run_stock_and_are_adopted(family):
         assert torch.equal(after.maps[name], maps), name
     assert all(p.owner is not None for p in model.attn_processors.values()
                if type(p).__name__.startswith("Semfid"))
+    ctl.uninstall()  # the adopted layers get the stock processor back, not a bare semfid one
+    assert {type(p) for p in model.attn_processors.values()} == {STOCK[family]}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_uninstall_puts_stock_where_diffusers_rebuilt_a_semfid_processor(family):
+    """No block between the rebuild and uninstall(): the bare (ownerless) semfid processors that
+    diffusers' ``type(old)()`` left become the stock class (Flux: with the attention backend set)."""
+    model = twin(family)
+    if family == "flux":
+        model.set_attention_backend("_native_math")
+    backends = {p._attention_backend for p in model.attn_processors.values()
+                if hasattr(p, "_attention_backend")}
+    ctl = install(model)
+    names = list(model.attn_processors)[:3]
+    model.set_attn_processor({n: (type(p)() if n in names else p) for n, p in model.attn_processors.items()})
+    assert all(type(model.attn_processors[n]).__name__.startswith("Semfid") for n in names)
     ctl.uninstall()
+    procs = model.attn_processors
+    assert {type(p) for p in procs.values()} == {STOCK[family]}
+    if family == "flux":  # kept by the installed processors; a bare one has none to keep
+        assert {procs[n]._attention_backend for n in procs if n not in names} == backends != {None}
 
 
 def test_no_owner_means_inactive():

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 from diffusers.models import attention_processor as _ap
 
+from .families.flux import SemfidFluxAttnProcessor
+from .families.sd3 import SemfidJointAttnProcessor
 from .ip_adapter import SemfidIPAdapterAttnProcessor
 from .processors import SemfidAttnProcessor
 
@@ -55,11 +57,48 @@ def stands_in_for(processor, replaceable) -> bool:
     return name in replaceable or name in IP_REPLACEABLE
 
 
-def stock_equivalent(processor, memo: Optional[dict] = None):
-    """The diffusers processor a semfid processor stands in for (others are returned as they are).
+#: semfid's processors of each model family that know their stock equivalent (``.stock(memo)``)
+_DIT_PROCESSORS = (SemfidJointAttnProcessor, SemfidFluxAttnProcessor)
 
-    With ``memo`` (inside ``copy.deepcopy``) the IP-Adapter weights are deep-copied, else shared.
+
+def refuse_foreign(modules, replaceable, kind: str) -> None:
+    """At ``install``: raise if a processor of ``modules`` ({layer name: attention module}) is one
+    semfid does not reproduce exactly (``replaceable``: the model family's list; ``kind``: the model
+    class name, for the message).
+
+    Raises:
+        ValueError: naming the first such layer, its processor class and what to undo.
     """
+    foreign = [(n, type(m.processor).__name__) for n, m in modules.items()
+               if not stands_in_for(m.processor, replaceable)]
+    if foreign:
+        name, cls = foreign[0]
+        raise ValueError(
+            f"unet has {len(foreign)} attention processor(s) that semfid cannot stand in for "
+            f"(e.g. {name}: {cls}); install() reproduces only {list(replaceable[:-1])} on a "
+            f"{kind} (and IP-Adapter). Call unet.set_default_attn_processor() (or undo xformers / "
+            "fused QKV / attention slicing) first."
+        )
+
+
+def ownerless(processor) -> bool:
+    """Whether ``processor`` is a semfid processor of no controller: diffusers' ``type(old)()``
+    rebuilt it (``load_ip_adapter``, ``unload_ip_adapter``, ``set_attn_processor``); it runs the
+    stock math, and ``uninstall`` puts its :func:`stock_equivalent` in its place."""
+    return (isinstance(processor, (SemfidAttnProcessor,) + _DIT_PROCESSORS)
+            and getattr(processor, "owner", None) is None)
+
+
+def stock_equivalent(processor, memo: Optional[dict] = None):
+    """The diffusers processor a semfid processor stands in for (others are returned as they are):
+    ``AttnProcessor2_0``, ``IPAdapterAttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``, Flux's
+    ``FluxAttnProcessor`` (with the attention backend set on the semfid one).
+
+    With ``memo`` (inside ``copy.deepcopy``) the IP-Adapter weights and Flux's backend settings are
+    deep-copied, else shared.
+    """
+    if isinstance(processor, _DIT_PROCESSORS):
+        return processor.stock(memo)
     if isinstance(processor, SemfidIPAdapterAttnProcessor):
         with torch.device("meta"):
             stock = _STOCK_IP(processor.hidden_size, processor.cross_attention_dim,
@@ -112,4 +151,5 @@ class PreHook:
         return _no_hook
 
 
-__all__ = ["IP_REPLACEABLE", "adopt_ip", "stands_in_for", "stock_equivalent", "register_with_diffusers", "PreHook"]
+__all__ = ["IP_REPLACEABLE", "adopt_ip", "stands_in_for", "refuse_foreign", "ownerless",
+           "stock_equivalent", "register_with_diffusers", "PreHook"]

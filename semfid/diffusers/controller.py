@@ -48,13 +48,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._inputs import TokensLike
-from .adoption import PreHook, adopt_ip, register_with_diffusers, stands_in_for, stock_equivalent
+from .adoption import (PreHook, adopt_ip, ownerless, refuse_foreign, register_with_diffusers,
+                       stands_in_for, stock_equivalent)
 from .blocks import capture_block, subject_loss_block, values_block
 from .families import detect_family, processor_modules
 from .forward_args import ForwardArgs
 from .families.reference import KEYS_KWARG as REF_KEYS_KWARG, reference_keys
 from .layers import LayerFilter, resolve_layers
-from .processors import CALL_KWARG, SemfidAttnProcessor
+from .processors import CALL_KWARG
 from .recorders import AttentionRecorder, SubjectLossRecorder
 from .requests import LossRequest, Request, StatesLike, plan_call
 
@@ -98,16 +99,7 @@ class SemfidController:
         self._args = ForwardArgs(unet, (family.latent_arg, "encoder_hidden_states", family.kwargs_arg),
                                  family.name)
         self._family = family
-        foreign = [(n, type(m.processor).__name__) for n, m in modules.items()
-                   if not stands_in_for(m.processor, family.replaceable)]
-        if foreign:
-            name, cls = foreign[0]
-            raise ValueError(
-                f"unet has {len(foreign)} attention processor(s) that semfid cannot stand in for "
-                f"(e.g. {name}: {cls}); install() reproduces only {list(family.replaceable[:-1])} on a "
-                f"{kind} (and IP-Adapter). Call unet.set_default_attn_processor() (or undo xformers / "
-                "fused QKV / attention slicing) first."
-            )
+        refuse_foreign(modules, family.replaceable, kind)
         stale = getattr(unet, "_semfid_controller", None)
         stale = stale() if stale is not None else None
         if stale is not None and stale.installed and stale._unet_ref() is unet:  # not a deepcopy's
@@ -190,8 +182,8 @@ class SemfidController:
     def uninstall(self) -> None:
         r"""Put back exactly the processor objects that were there before :func:`install`.
 
-        Layers whose semfid processor was since replaced by someone else keep that replacement.
-        Calling it twice is a no-op.
+        Layers whose semfid processor someone else replaced keep that replacement (a semfid processor
+        of no controller, diffusers' ``type(old)()``, becomes its stock equivalent). Twice: a no-op.
         """
         with self._lock:
             if not self.installed:
@@ -199,7 +191,7 @@ class SemfidController:
             for n, m in self._modules.items():
                 if m.processor is self._processors[n]:
                     m.set_processor(self._saved[n])
-                elif isinstance(m.processor, SemfidAttnProcessor) and m.processor.owner is None:
+                elif ownerless(m.processor):
                     m.set_processor(stock_equivalent(m.processor))  # diffusers' type(old)() copies
             self._detach()
             unet = self._unet_ref()

@@ -66,14 +66,20 @@ class SemfidFluxAttnProcessor:
     def __repr__(self) -> str:
         return f"SemfidFluxAttnProcessor(name={self.name!r}, active={self.active}, single={self.single})"
 
-    def __deepcopy__(self, memo):
+    def stock(self, memo: Optional[dict] = None):
+        """The ``FluxAttnProcessor`` this processor stands in for, with its attention backend
+        (``uninstall``: shared; inside ``copy.deepcopy`` (``memo``): copied)."""
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         stock = FluxAttnProcessor()
         for attr in ("_attention_backend", "_parallel_config"):
             if getattr(self, attr, None) is not None:
-                setattr(stock, attr, copy.deepcopy(getattr(self, attr), memo))
+                value = getattr(self, attr)
+                setattr(stock, attr, copy.deepcopy(value, memo) if memo is not None else value)
         return stock
+
+    def __deepcopy__(self, memo):
+        return self.stock(memo)
 
     def __call__(
         self,

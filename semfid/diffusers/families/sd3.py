@@ -46,10 +46,14 @@ class SemfidJointAttnProcessor:
     def __repr__(self) -> str:
         return f"SemfidJointAttnProcessor(name={self.name!r}, active={self.active})"
 
-    def __deepcopy__(self, memo):
+    def stock(self, memo: Optional[dict] = None):
+        """The ``JointAttnProcessor2_0`` this processor stands in for (``uninstall``, deep copies)."""
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
         return JointAttnProcessor2_0()
+
+    def __deepcopy__(self, memo):
+        return self.stock(memo)
 
     def __call__(
         self,
