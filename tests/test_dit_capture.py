@@ -147,3 +147,29 @@ def test_replaced_processor_is_named_at_block_entry():
     with pytest.raises(RuntimeError, match=f"{name}.*Custom"):
         with ctl.capture([1]):
             pass
+
+
+@pytest.mark.parametrize("family,count,kinds", [
+    ("sd3", 24, {"transformer_blocks"}),
+    ("flux", 19 + 38, {"transformer_blocks", "single_transformer_blocks"}),
+    ("pixart", 28, {"transformer_blocks"}),
+])
+def test_public_cross_attention_layers_on_every_family(family, count, kinds):
+    """semfid.diffusers.cross_attention_layers gives the layers whose keys include the text, the
+    names install() chooses from (SD3.5 medium's image-only attn2 left out)."""
+    from semfid.diffusers import cross_attention_layers
+
+    model = twin(family)
+    layers = cross_attention_layers(model)
+    names = list(layers)
+    assert len(names) == count and {n.split(".")[0] for n in names} == kinds
+    assert all(layers[n] is model.get_submodule(n) for n in names)
+    assert all(n + ".processor" in model.attn_processors for n in names)
+    if family == "sd3":
+        assert any(k.endswith("attn2.processor") for k in model.attn_processors)
+        assert all(n.endswith(".attn") for n in names)
+    ctl = install(model)
+    assert ctl.cross_attention_layers == names
+    ctl.uninstall()
+    with pytest.raises(ValueError, match="supports UNet2DConditionModel"):
+        cross_attention_layers(torch.nn.Linear(2, 2))

@@ -15,7 +15,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without diffuse
 
 from .alignment import AlignedTokens, align_joint_tokens, align_tokens
 from .controller import SemfidController, install
-from .layers import cross_attention_layers, layer_levels, resolve_layers
+from .families import cross_attention_layers
+from .layers import layer_levels, resolve_layers
 from .recorders import AttentionRecorder, NoCallError, SubjectLossRecorder
 from .processors import SemfidAttnProcessor
 

@@ -4,6 +4,8 @@ A *layer name* is the key of ``unet.attn_processors`` without the trailing ``.pr
 ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``. SD1.5 has 16 cross-attention (``attn2``)
 layers, SDXL base 70. ``unet.attn_processors`` lists them down → up → mid, which is *not* the
 order they run in (down → mid → up): everything here is indexed by name, never by position.
+Which layers attend to the text, for every model family (UNet, PixArt, SD3, Flux), is
+:func:`semfid.diffusers.families.cross_attention_layers`.
 """
 
 from __future__ import annotations
@@ -15,35 +17,6 @@ import torch
 LayerFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 _PROCESSOR_SUFFIX = ".processor"
-
-
-def _attention_class():
-    from diffusers.models.attention_processor import Attention
-
-    return Attention
-
-
-def attention_layers(unet: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    r"""Every diffusers ``Attention`` module of ``unet`` by layer name (self- and cross-attention).
-
-    Args:
-        unet (`torch.nn.Module`): a diffusers model, usually ``UNet2DConditionModel``.
-
-    Returns:
-        `dict[str, Attention]`: in ``named_modules`` order; the names equal the keys of
-        ``unet.attn_processors`` without ``.processor``.
-    """
-    attention = _attention_class()
-    return {name: m for name, m in unet.named_modules() if isinstance(m, attention)}
-
-
-def cross_attention_layers(unet: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    r"""The cross-attention (``attn2``) modules of ``unet`` by layer name.
-
-    A layer counts as cross-attention when diffusers built it with a ``cross_attention_dim``
-    (``Attention.is_cross_attention``): 16 in SD1.5, 70 in SDXL base.
-    """
-    return {n: m for n, m in attention_layers(unet).items() if getattr(m, "is_cross_attention", False)}
 
 
 def layer_levels(unet: torch.nn.Module, names: Iterable[str]) -> Dict[str, Optional[int]]:
@@ -144,8 +117,6 @@ def resolve_layers(spec: LayerFilter, names: Sequence[str], *, arg: str = "layer
 
 __all__ = [
     "LayerFilter",
-    "attention_layers",
-    "cross_attention_layers",
     "layer_levels",
     "grid_size",
     "resolve_layers",

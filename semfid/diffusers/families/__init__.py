@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Dict
 
 import torch
 
@@ -56,4 +57,28 @@ def detect_family(model) -> Family:
     )
 
 
-__all__ = ["FAMILIES", "Family", "detect_family", "processor_modules"]
+def cross_attention_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    r"""The attention modules of ``model`` whose keys include the text, by layer name: the layers
+    :func:`~semfid.diffusers.install` can capture maps / compute the loss in (its ``layers`` choose
+    among these names; ``ctl.cross_attention_layers`` lists the same).
+
+    * UNet (SD1.5: 16, SDXL base: 70) and PixArt-Σ (28): the cross-attention ``attn2`` layers;
+    * SD3 / SD3.5: every joint ``transformer_blocks.i.attn`` (keys [image, text]; not SD3.5
+      medium's image-only ``attn2``);
+    * Flux.1: every double-stream ``transformer_blocks.i.attn`` and single-stream
+      ``single_transformer_blocks.i.attn`` (keys [text, image]).
+
+    Args:
+        model (`torch.nn.Module`): a diffusers model :func:`detect_family` accepts.
+
+    Returns:
+        `dict[str, torch.nn.Module]`: in ``named_modules`` order; the names are the keys of
+        ``model.attn_processors`` without ``.processor``.
+
+    Raises:
+        TypeError / ValueError: as :func:`detect_family` (not a module, an unsupported model).
+    """
+    return detect_family(model).text_layers(processor_modules(model))
+
+
+__all__ = ["FAMILIES", "Family", "cross_attention_layers", "detect_family", "processor_modules"]
