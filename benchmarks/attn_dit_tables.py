@@ -10,9 +10,18 @@
   read or write once, bf16 tensors, fp32 lse / maps): plain flash attention (FA2: one pass
   forward, one backward that recomputes the logits), semfid's subject op as designed (the split
   lse: the two attend calls split the keys of one attention; the reference's [Nm, 512] logsumexp;
-  maps from lse; the backward with S extra value columns), the sdpa backend's variant (its
-  backward recomputes the forward through PyTorch's autograd), two SDPA calls with augmented
-  values, and explicit joint maps (logits, probabilities and their gradients through memory).
+  maps from lse; the backward with S extra value columns), the sdpa backend as it runs on CPU and
+  on CUDA (below), two SDPA calls with augmented values, and explicit joint maps (logits,
+  probabilities and their gradients through memory).
+
+  The sdpa backend's rows model its attention kernel calls: forward, two fused calls (outside
+  keys, segment: q read and an output written twice); backward, one fused backward fed the saved
+  out' = [out, A] and lse with dO' = [dO, G] (no forward recompute), at the widths it runs: on
+  CPU q, k and the values padded to D + S (PyTorch's fused CPU kernel wants equal head dims), on
+  CUDA the values padded to a multiple of 8 (the memory-efficient kernel; unverified on a GPU).
+  Their bytes are a *lower bound*: each tensor of each kernel call read or written once; the
+  element-wise glue around the calls (casts, padding and concatenation copies, combining the two
+  partial outputs) is not counted (``attn_launches.LaunchCounter`` observes it).
 
     python benchmarks/attn_dit_tables.py
 """
@@ -127,6 +136,19 @@ def saved_table(dtype: torch.dtype = torch.bfloat16) -> List[str]:
     return lines
 
 
+def sdpa_forward(N: int, M: int, D: int, H: int, e: int) -> Dict[str, float]:
+    """The sdpa backend's forward kernel calls (B = 1): two fused attention calls that split the
+    M keys (outside keys, segment), each reading q and writing an output [N, D] and an fp32 lse."""
+    return {"flops": 4 * N * M * D * H, "bytes": H * e * (4 * N * D + 2 * M * D) + 2 * N * H * 4}
+
+
+def sdpa_backward(N: int, M: int, H: int, e: int, wq: int, wv: int) -> Dict[str, float]:
+    """The sdpa backend's one fused backward (B = 1) at q / k width ``wq`` and value width ``wv``:
+    logits, dQ, dK at wq, dP, dV at wv; reads dO', q, k, vv, out', lse, writes dq, dk, dvv."""
+    return {"flops": 2 * N * M * H * (3 * wq + 2 * wv),
+            "bytes": H * e * (N + M) * (2 * wq + 2 * wv) + N * H * 4}
+
+
 def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int = 128, H: int = 24,
              S: int = 4, e: int = 2) -> Dict[str, Dict[str, float]]:
     """FLOPs and compulsory bytes of forward + backward (see the module docstring)."""
@@ -139,11 +161,17 @@ def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int =
     plain_b = (nd + 2 * md + nd + lse) + (3 * nd + 2 * md + lse + nd + 2 * md)
     aug = 4 * N * M * S * H  # dP and dV with S extra value columns
     explicit_pass = N * M * H * e
+
+    def sdpa_row(wq: int, wv: int) -> Dict[str, float]:
+        fwd, bwd = sdpa_forward(N, M, D, H, e), sdpa_backward(N, M, H, e, wq, wv)
+        return {"flops": fwd["flops"] + bwd["flops"] + small_f,
+                "bytes": fwd["bytes"] + bwd["bytes"] + small_b}
+
     return {
         "plain attention (FA2)": {"flops": plain_f, "bytes": plain_b},
         "semfid subject op (design)": {"flops": plain_f + aug + small_f, "bytes": plain_b + small_b},
-        "semfid sdpa backend": {"flops": plain_f + 4 * nmd + aug + small_f,
-                                "bytes": plain_b + (nd + 2 * md) + small_b},
+        "semfid sdpa backend, CPU": sdpa_row(D + S, D + S),
+        "semfid sdpa backend, CUDA (unverified)": sdpa_row(-(-D // 8) * 8, -(-(D + S) // 8) * 8),
         "two SDPA calls, augmented values": {
             "flops": plain_f + aug + 2 * Nm * (M - T + R) * (D + S) * H,  # + the reference call
             "bytes": plain_b + (Nm * D * H * e + (M - T + R) * D * H * e)},
@@ -156,7 +184,7 @@ def modelled_table() -> List[str]:
     rows = modelled()
     base = rows["plain attention (FA2)"]
     lines = ["Modelled forward + backward, Flux 1024-px layer (B = 1, bf16 tensors): matmul FLOPs "
-             "and compulsory bytes", "", "| | GFLOP | × plain | GB | × plain |", "|---|---|---|---|---|"]
+             "and compulsory bytes (sdpa rows: its kernel calls' tensors once each, a lower bound)", "", "| | GFLOP | × plain | GB | × plain |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['flops'] / 1e9:.0f} | {r['flops'] / base['flops']:.3f} | "
                      f"{r['bytes'] / 1e9:.3f} | {r['bytes'] / base['bytes']:.2f} |")
