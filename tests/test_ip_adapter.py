@@ -149,9 +149,10 @@ class RefIPProcessor:
     """Text branch: tests/_diffusers_ref.ExplicitSoftmaxProcessor (maps, loss). Image branch: per
     adapter (per image with masks) explicit ``softmax(q k_ipᵀ · scale) v_ip``, scaled, masked."""
 
-    def __init__(self, name, state, stock: IPAdapterAttnProcessor2_0):
+    def __init__(self, name, state, stock: IPAdapterAttnProcessor2_0, ip_probs=None):
         self.text = ExplicitSoftmaxProcessor(name, state)
         self.stock = stock
+        self.ip_probs = {} if ip_probs is None else ip_probs  # (layer, adapter) -> [B, H, N, keys]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ip_adapter_masks=None):
@@ -162,31 +163,37 @@ class RefIPProcessor:
         def heads(x):
             return x.reshape(x.shape[0], x.shape[1], H, -1).permute(0, 2, 1, 3)
 
+        probs = []  # this adapter's probabilities [B, H, N, keys], one per softmax
+
         def attend(q, states, to_k, to_v):
             k, v = heads(to_k(states)), heads(to_v(states))
             p = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k) * attn.scale, dim=-1)
+            probs.append(p)
             return torch.einsum("bhnm,bhmd->bhnd", p, v).permute(0, 2, 1, 3).reshape(B, N, -1)
 
         q = heads(attn.to_q(hidden_states))
         extra = torch.zeros(B, N, attn.to_q.out_features, dtype=q.dtype)
         masks = ip_adapter_masks or [None] * len(ip_states)
-        for states, scale, to_k, to_v, mask in zip(ip_states, self.stock.scale, self.stock.to_k_ip,
-                                                   self.stock.to_v_ip, masks):
+        for a, (states, scale, to_k, to_v, mask) in enumerate(zip(ip_states, self.stock.scale, self.stock.to_k_ip,
+                                                                  self.stock.to_v_ip, masks)):
+            probs.clear()
             if mask is None:
                 extra = extra + scale * attend(q, states.reshape(B, -1, states.shape[-1]), to_k, to_v)
-                continue
-            scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
-            for i in range(mask.shape[1]):
-                down = IPAdapterMaskProcessor.downsample(mask[:, i], B, N, 1).to(q.dtype)
-                extra = extra + scales[i] * attend(q, states[:, i], to_k, to_v) * down
+            else:
+                scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
+                for i in range(mask.shape[1]):
+                    down = IPAdapterMaskProcessor.downsample(mask[:, i], B, N, 1).to(q.dtype)
+                    extra = extra + scales[i] * attend(q, states[:, i], to_k, to_v) * down
+            # image-prompt probabilities on the adapter's key axis (masked: one softmax per image)
+            self.ip_probs[(self.text.name, a)] = torch.cat(probs, dim=-1)
         return self.text(_AddBeforeOut(attn, extra), hidden_states, text, attention_mask, temb)
 
 
-def install_ref_ip(unet, state):
+def install_ref_ip(unet, state, ip_probs=None):
     procs = {}
     for key, proc in unet.attn_processors.items():
         name = key[: -len(".processor")]
-        procs[key] = (RefIPProcessor(name, state, proc) if isinstance(proc, IPAdapterAttnProcessor2_0)
+        procs[key] = (RefIPProcessor(name, state, proc, ip_probs) if isinstance(proc, IPAdapterAttnProcessor2_0)
                       else ExplicitSoftmaxProcessor(name, state))
     unet.set_attn_processor(procs)
 

@@ -9,11 +9,13 @@ the context manager that makes them active for the calling thread.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Protocol
+from typing import Dict, FrozenSet, Iterable, List, Optional, Protocol
 
 import torch
 
 from .._inputs import HEAD_REDUCTIONS
+from .ip_adapter import SemfidIPAdapterAttnProcessor
+from .ip_maps import IPTokens
 from .recorders import AttentionRecorder, SubjectLossRecorder
 from .requests import (
     CaptureRequest,
@@ -33,6 +35,7 @@ class BlockHost(Protocol):
     """What a block needs of :class:`~semfid.diffusers.controller.SemfidController`."""
 
     layers: List[str]
+    _processors: Dict[str, object]  # layer name -> this controller's processor
     _k_width: Dict[str, int]
     _v_width: Dict[str, int]
 
@@ -64,8 +67,8 @@ class Block:
         self._ctl._pop(self._request)
         rec = self._request.recorder
         if exc_type is None and rec is not None and rec.num_calls > 0:
-            got = rec._losses.names() if isinstance(rec, SubjectLossRecorder) else rec._maps.names()
-            missing = sorted(self._request.layers.difference(got))
+            got = rec._losses.names() if isinstance(rec, SubjectLossRecorder) else rec._recorded_layers()
+            missing = sorted(self._request.recorded_layers.difference(got))
             if missing:
                 raise RuntimeError(
                     f"{len(missing)} chosen layer(s) ran without recording (e.g. {missing[0]}): their "
@@ -121,15 +124,32 @@ def _limit(spec: TokenSpec, states_arg: str):
     return (spec.max_index, spec.arg, states_arg)
 
 
+def _ip_layers(ctl: BlockHost, chosen: List[str], ip: IPTokens) -> FrozenSet[str]:
+    """The chosen layers running an IP-Adapter (diffusers' processors adopted first), checked
+    against ``ip``: at least one, and the adapters it names exist."""
+    ctl._check_processors(chosen)
+    layers = {n: ctl._processors[n] for n in chosen if isinstance(ctl._processors[n], SemfidIPAdapterAttnProcessor)}
+    ip.check_adapters(layers, len(chosen))
+    return frozenset(layers)
+
+
 def capture_block(ctl: BlockHost, tokens, head_reduce: str = "mean", layers=None,
-                  accumulate: str = "last") -> Block:
+                  accumulate: str = "last", ip_tokens=None) -> Block:
     chosen = ctl._choose(layers)
     tokens, _ = _aligned(tokens, None)
-    spec = TokenSpec.parse(tokens, "tokens")
+    if tokens is None and ip_tokens is None:
+        raise ValueError("tokens must give text-token indices (or pass ip_tokens= for the maps of "
+                         "image-prompt tokens only), got None")
+    spec = None if tokens is None else TokenSpec.parse(tokens, "tokens")
+    ip = None if ip_tokens is None else IPTokens.parse(ip_tokens)
     hr = _head_reduce(head_reduce)
-    rec = AttentionRecorder(spec.lengths, hr, accumulate)
-    rec._limits = (_limit(spec, "encoder_hidden_states"),) * 2
-    return Block(ctl, CaptureRequest(frozenset(chosen), spec.to(ctl._device()), hr, rec), rec)
+    ip_layers = frozenset() if ip is None else _ip_layers(ctl, chosen, ip)
+    device = ctl._device()
+    rec = AttentionRecorder(None if spec is None else spec.lengths, hr, accumulate, ip)
+    rec._limits = () if spec is None else (_limit(spec, "encoder_hidden_states"),) * 2
+    req = CaptureRequest(frozenset(chosen), None if spec is None else spec.to(device), hr, rec,
+                         None if ip is None else ip.to(device), ip_layers)
+    return Block(ctl, req, rec)
 
 
 def subject_loss_block(ctl: BlockHost, reference_states: StatesLike, tokens, ref_tokens=None,

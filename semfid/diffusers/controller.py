@@ -260,7 +260,7 @@ class SemfidController:
 
     # ---- public context managers (block entry validates; see blocks.py) -------------------------
     def capture(self, tokens: TokensLike, head_reduce: str = "mean", layers: LayerFilter = None,
-                accumulate: str = "last"):
+                accumulate: str = "last", *, ip_tokens=None):
         r"""Record the cross-attention maps of ``tokens`` during the UNet calls inside the block.
 
         Args:
@@ -268,22 +268,30 @@ class SemfidController:
                 ``[B, S]``, ragged per-row lists (maps padded with zero columns), a
                 :class:`semfid.TokenSelection`, or an :class:`~semfid.diffusers.AlignedTokens`
                 (its target ``tokens``). Each index must be < M, the length of the call's
-                ``encoder_hidden_states`` (checked once per call).
+                ``encoder_hidden_states`` (checked once per call). ``None`` with ``ip_tokens``.
             head_reduce (`str`, *optional*, defaults to ``"mean"``): ``"mean"`` → maps [B, N, S];
                 ``"none"`` → [B, H, N, S].
             layers (*optional*): subset of the installed layers (names or a predicate).
             accumulate (`str`, *optional*, defaults to ``"last"``): over the calls of the block,
                 keep the last call's maps, a running ``"mean"``, or every call (``"list"``,
                 ``rec.steps``) — e.g. a whole pipeline run's denoising steps.
+            ip_tokens (*optional*): also record, in the chosen IP-Adapter layers, the maps of these
+                image-prompt tokens (``rec.ip_maps[layer][adapter]`` [B, N, S_ip] / [B, H, N, S_ip]):
+                ``"all"``, positions on each adapter's key axis (``n_img · num_tokens`` keys) in any
+                form ``tokens`` takes, or ``{adapter index: "all" | positions}``
+                (:mod:`semfid.diffusers.ip_maps`). With ``tokens=None`` only these are recorded.
 
         Returns:
             A context manager whose ``as`` target is an :class:`AttentionRecorder`.
 
         Raises:
-            ValueError: bad ``tokens`` / ``head_reduce`` / ``accumulate``, or ``layers`` matches nothing.
+            ValueError: bad ``tokens`` / ``head_reduce`` / ``accumulate`` / ``ip_tokens``, ``layers``
+                matches nothing, ``ip_tokens`` with no IP-Adapter layer among the chosen ones or
+                naming a missing adapter, or (per call) an image-prompt position past the adapter's keys.
+            TypeError: ``ip_tokens`` of a wrong type.
             RuntimeError: semfid's processors were replaced after install.
         """
-        return capture_block(self, tokens, head_reduce, layers, accumulate)
+        return capture_block(self, tokens, head_reduce, layers, accumulate, ip_tokens)
 
     def subject_loss(
         self,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
+from . import ip_maps
 from .processors import SemfidAttnProcessor, _epilogue, _split_heads
 
 
@@ -128,41 +129,54 @@ class SemfidIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0, SemfidAttnProcesso
                 end = encoder_hidden_states.shape[1] - self.num_tokens[0]
                 encoder_hidden_states, ip_states = (encoder_hidden_states[:, :end],
                                                     [encoder_hidden_states[:, end:]])
-        out, query, pro, _ = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                          semfid_call)
+        out, query, pro, plan = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                             semfid_call)
         if ip_states is not None:
-            out = self._image_branch(attn, query, out, ip_states, ip_adapter_masks)
+            out = self._image_branch(attn, query, out, ip_states, ip_adapter_masks, plan)
         return _epilogue(attn, out, query.dtype, pro)
 
-    def _image_branch(self, attn, query, out, ip_states, masks):
+    def _image_branch(self, attn, query, out, ip_states, masks, plan=None):
         """Add ``scale · [mask ·] SDPA(q, to_k_ip(img), to_v_ip(img))`` per adapter, as diffusers does.
 
         ``out`` / ``query`` are [B, H, N, D]; diffusers adds in the merged [B, N, H·D] layout, which
-        holds the same elements (the sums are bit-identical).
+        holds the same elements (the sums are bit-identical). An adapter whose image-prompt maps a
+        capture asks for (``plan.ip_captures``, :mod:`semfid.diffusers.ip_maps`) runs through
+        :func:`semfid.cross_attention` with ``select`` (output and maps from one pass), and through
+        :func:`semfid.attention_maps` alone when its scale is 0 (diffusers skips its output).
         """
         batch, heads, _, head_dim = query.shape
         masks = _check_masks(masks, self.scale, ip_states)
-        for states, scale, to_k_ip, to_v_ip, mask in zip(ip_states, self.scale, self.to_k_ip,
-                                                         self.to_v_ip, masks):
-            if all(s == 0 for s in _ip_scales(scale)):
+        for adapter, (states, scale, to_k_ip, to_v_ip, mask) in enumerate(
+                zip(ip_states, self.scale, self.to_k_ip, self.to_v_ip, masks)):
+            want = ip_maps.wanted(plan, adapter)
+            skip = all(s == 0 for s in _ip_scales(scale))
+            if skip and not want:
                 continue
+            per_image = states.shape[-2]  # the adapter's tokens per image (num_tokens)
             if mask is None:
                 key = _split_heads(to_k_ip(states), batch, heads, head_dim)
                 value = _split_heads(to_v_ip(states), batch, heads, head_dim)
-                ip_out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                                        is_causal=False)
-                out = out + scale * ip_out.to(query.dtype)
+                ip_out = ip_maps.unmasked(self.name, adapter, query, key, value, want, per_image, not skip)
+                if not skip:
+                    out = out + scale * ip_out.to(query.dtype)
                 continue
             scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
+            selects = ip_maps.full_selects(want, batch, per_image, query.device)
+            image_maps = []
             for i in range(mask.shape[1]):
                 key = _split_heads(to_k_ip(states[:, i]), batch, heads, head_dim)
                 value = _split_heads(to_v_ip(states[:, i]), batch, heads, head_dim)
-                ip_out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                                        is_causal=False).to(query.dtype)
+                ip_out, maps = ip_maps.attend(query, key, value, selects, not skip)
+                image_maps.append(maps)
+                if skip:
+                    continue
+                ip_out = ip_out.to(query.dtype)
                 n_query = ip_out.shape[2]
                 down = IPAdapterMaskProcessor.downsample(mask[:, i], batch, n_query, 1)  # [B, N, 1]
                 down = down.to(dtype=query.dtype, device=query.device)
                 out = out + scales[i] * (ip_out * down[:, None])
+            if want:
+                ip_maps.masked_maps(self.name, adapter, want, image_maps, per_image, batch)
         return out
 
     def __deepcopy__(self, memo):

@@ -9,6 +9,10 @@ Accumulation over the calls of a block (``capture(..., accumulate=...)``):
 * ``"last"`` (default): each call replaces the previous one's values;
 * ``"mean"``: a running mean over the calls (e.g. over a pipeline's denoising steps);
 * ``"list"``: every call kept, ``rec.steps[i]`` is call i's ``{layer: map}`` dict.
+
+Maps of the image-prompt tokens of IP-Adapter layers (``capture(..., ip_tokens=...)``,
+:mod:`semfid.diffusers.ip_maps`) are kept beside the text maps under the same accumulation:
+``rec.ip_maps[layer][adapter]``, and ``aggregate`` / ``save_heatmaps`` take ``adapter=`` to show them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .ip_maps import IPTokens
 from .requests import ACCUMULATE, CallSink, check_token_range
 
 Tensor = torch.Tensor
@@ -76,6 +81,8 @@ class _Recorder:
 
     def __init__(self, accumulate: str = "last"):
         self._maps = _Series(accumulate)
+        self._ip = _Series(accumulate)  # (layer, adapter) -> image-prompt maps
+        self._ip_tokens: Optional[IPTokens] = None
         self.grids: Dict[str, Grid] = {}
         self._calls = 0
         self._sink = CallSink()
@@ -98,11 +105,20 @@ class _Recorder:
         for entry in calls:  # all checked before any is taken: a bad call keeps raising
             for (hi, arg, states_arg), num_keys in zip(self._limits, entry["num_keys"]):
                 check_token_range(hi, num_keys, arg, states_arg)
+            for (_, adapter), (_, num_keys, per_image) in entry["ip"].items():
+                self._ip_tokens.check_call(adapter, num_keys, per_image)
         self._head = head
         for entry in calls:
             call, self._calls = self._calls, self._calls + 1
             for name, (value, maps) in entry["results"].items():
                 self._store(call, name, value, entry["grids"].get(name), maps)
+            for (name, adapter), (maps, _, _) in entry["ip"].items():
+                self._put_map(call, name, maps, entry["grids"].get(name), series=self._ip, key=(name, adapter))
+
+    def _recorded_layers(self) -> List[str]:
+        """Layers recorded in the newest call (text maps / losses, else image-prompt maps)."""
+        names = self._maps.names()
+        return names if names else sorted({name for name, _ in self._ip.names()})
 
     def _store(self, call: int, name: str, value: Tensor, grid: Optional[Grid], maps=None) -> None:
         raise NotImplementedError
@@ -115,8 +131,8 @@ class _Recorder:
                 "the values can be read after it has exited."
             )
 
-    def _put_map(self, call: int, name: str, value: Tensor, grid: Optional[Grid]) -> None:
-        self._maps.put(call, name, value)
+    def _put_map(self, call: int, name: str, value: Tensor, grid: Optional[Grid], series=None, key=None) -> None:
+        (series or self._maps).put(call, name if key is None else key, value)
         n = value.shape[-2]
         if grid is None or grid[0] * grid[1] != n:
             side = int(round(n ** 0.5))
@@ -130,8 +146,45 @@ class _Recorder:
         self._require_call("maps")
         maps = self._maps.current()
         if not maps:
-            raise NoCallError(f"{type(self).__name__}.maps: the block recorded no maps "
-                              "(subject_loss records them only with keep_maps=True)")
+            raise NoCallError(f"{type(self).__name__}.maps: the block recorded no maps of text tokens "
+                              "(subject_loss records them only with keep_maps=True; capture(tokens=None, "
+                              "ip_tokens=...) only those of image-prompt tokens: rec.ip_maps)")
+        return maps
+
+    @property
+    def ip_maps(self) -> Dict[str, Dict[int, Tensor]]:
+        r"""layer name → {adapter index → float32 map of the image-prompt tokens} of each IP-Adapter
+        layer: [B, N, S_ip] (``head_reduce="mean"``) or [B, H, N, S_ip], the columns ``ip_tokens``
+        chose on the adapter's key axis, accumulated as :attr:`maps` (:mod:`semfid.diffusers.ip_maps`)."""
+        self._require_call("ip_maps")
+        return self._ip_view(self._ip.current())
+
+    @property
+    def ip_steps(self) -> List[Dict[str, Dict[int, Tensor]]]:
+        """Every call's :attr:`ip_maps`, in call order (``accumulate="list"`` only)."""
+        self.steps  # the same checks
+        return [self._ip_view(step) for step in self._ip.steps]
+
+    def _ip_view(self, flat: Dict[tuple, Tensor]) -> Dict[str, Dict[int, Tensor]]:
+        if self._ip_tokens is None:
+            raise ValueError("ip_maps needs capture(..., ip_tokens='all' | positions | {adapter: ...})")
+        nested: Dict[str, Dict[int, Tensor]] = {}
+        for (name, adapter), m in flat.items():
+            nested.setdefault(name, {})[adapter] = m
+        return nested
+
+    def _layer_maps(self, step: Optional[int], adapter: Optional[int]) -> Dict[str, Tensor]:
+        """{layer: map} of the text tokens, or of adapter ``adapter``'s image-prompt tokens."""
+        if adapter is None:
+            return self.maps if step is None else self.steps[step]
+        if isinstance(adapter, bool) or not isinstance(adapter, int):
+            raise TypeError(f"adapter must be an IP-Adapter index (int) or None, got {adapter!r}")
+        nested = self.ip_maps if step is None else self.ip_steps[step]
+        maps = {n: per[adapter] for n, per in nested.items() if adapter in per}
+        if not maps:
+            held = sorted({a for per in nested.values() for a in per})
+            raise ValueError(f"adapter={adapter}: no image-prompt maps of that IP-Adapter were captured "
+                             f"(captured adapters: {held})")
         return maps
 
     @property
@@ -148,7 +201,8 @@ class _Recorder:
         """The distinct (h, w) grids among the captured layers, largest first."""
         return sorted(set(self.grids.values()), key=lambda g: (-g[0] * g[1], g))
 
-    def aggregate(self, res: Union[int, Grid] = 16, step: Optional[int] = None) -> Tensor:
+    def aggregate(self, res: Union[int, Grid] = 16, step: Optional[int] = None,
+                  adapter: Optional[int] = None) -> Tensor:
         r"""Mean over the captured layers whose query grid is ``res``, as images.
 
         Args:
@@ -156,9 +210,12 @@ class _Recorder:
                 (h, w). SD1.5 at 512 px has 64, 32, 16 and 8 (mid block); SDXL at 1024 px 64 / 32.
             step (`int`, *optional*): with ``accumulate="list"``, that call's maps (default: the
                 accumulated / last ones).
+            adapter (`int`, *optional*): the maps of that IP-Adapter's image-prompt tokens
+                (:attr:`ip_maps`) instead of the text tokens'.
 
         Returns:
-            `torch.Tensor` [B, S, h, w] float32; per-head maps are averaged over heads first.
+            `torch.Tensor` [B, S, h, w] (S_ip with ``adapter``) float32; per-head maps are averaged
+            over heads first.
 
         Raises:
             ValueError: ``res`` is malformed or no captured layer has that grid.
@@ -170,7 +227,7 @@ class _Recorder:
         ):
             raise ValueError(f"res must be an int or an (h, w) pair of ints, got {res!r}")
         target = (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
-        maps = self.maps if step is None else self.steps[step]
+        maps = self._layer_maps(step, adapter)
         chosen = [n for n in maps if self.grids[n] == target]
         if not chosen:
             raise ValueError(
@@ -188,7 +245,7 @@ class _Recorder:
 
     def save_heatmaps(self, path: Union[str, Path], image=None, *, labels: Optional[Sequence[str]] = None,
                       res: Union[int, Grid] = 16, row: int = 0, step: Optional[int] = None,
-                      columns: Optional[int] = None):
+                      columns: Optional[int] = None, adapter: Optional[int] = None):
         r"""Save row ``row``'s per-token maps as one labelled grid image (DAAM / Prompt-to-Prompt style).
 
         Args:
@@ -196,14 +253,14 @@ class _Recorder:
             image (`PIL.Image.Image`, *optional*): the generated image, shown first and under each map.
             labels (*optional*): one label per captured token (e.g. ``AlignedTokens.labels[row]``);
                 defaults to the token positions.
-            res, step: as in :meth:`aggregate`.
+            res, step, adapter: as in :meth:`aggregate` (``adapter``: image-prompt tokens).
 
         Returns:
             `PIL.Image.Image`: the grid that was written.
         """
         from .heatmaps import heatmap_grid
 
-        heat = self.aggregate(res, step=step)
+        heat = self.aggregate(res, step=step, adapter=adapter)
         if not 0 <= row < heat.shape[0]:
             raise IndexError(f"row must lie in [0, {heat.shape[0]}) (the captured batch), got {row}")
         grid = heatmap_grid(heat[row].detach(), labels, image=image, columns=columns)
@@ -222,14 +279,19 @@ class AttentionRecorder(_Recorder):
         maps (`dict[str, torch.Tensor]`): see :attr:`_Recorder.maps`; differentiable when grad
             mode was on during the call (``accumulate="last"`` / ``"list"`` / ``"mean"``).
         steps: every call's maps (``accumulate="list"``).
+        ip_maps (`dict[str, dict[int, torch.Tensor]]`): layer → adapter → maps of the image-prompt
+            tokens (``capture(..., ip_tokens=...)``); ``ip_steps`` per call (``accumulate="list"``).
         grids (`dict[str, tuple[int, int]]`): layer name → (h, w) of its query grid.
-        tokens (`tuple[int, ...]`): tokens per row (S_b; ragged rows are padded with zero maps).
+        lengths (`tuple[int, ...]` or `None`): text tokens per row (S_b; ragged rows are padded
+            with zero maps); ``None`` when only image-prompt tokens were asked for.
         head_reduce (`str`): ``"mean"`` or ``"none"``.
         num_calls (`int`): UNet calls seen inside the block.
     """
 
-    def __init__(self, lengths: Tuple[int, ...], head_reduce: str, accumulate: str = "last"):
+    def __init__(self, lengths: Optional[Tuple[int, ...]], head_reduce: str, accumulate: str = "last",
+                 ip_tokens: Optional[IPTokens] = None):
         super().__init__(accumulate)
+        self._ip_tokens = ip_tokens
         self.lengths = lengths
         self.head_reduce = head_reduce
 

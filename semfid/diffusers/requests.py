@@ -33,124 +33,19 @@ The processor depends on this module only through :class:`CallStateProtocol`, :c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
 from .._inputs import TokenSelection
+from .token_specs import TokenSpec, bound, check_token_range
+
+if TYPE_CHECKING:
+    from .ip_maps import IPTokens
 
 Tensor = torch.Tensor
 StatesLike = Union[Tensor, Dict[str, Tensor]]
 ACCUMULATE = ("last", "mean", "list")
-
-
-# ------------------------------------------------------------------------------------------------
-# token lists, checked at block entry
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TokenSpec:
-    """Token positions checked at block entry and placed once on the model's device.
-
-    Attributes:
-        selection (`TokenSelection`): the indices, [1, S] when ``shared`` else [B, S] (ragged
-            rows padded, with weights); ``max_index`` and ``lengths`` are Python values known at
-            block entry.
-        shared (`bool`): one list for every row of any batch ([S]).
-        arg (`str`): the argument name for error messages.
-    """
-
-    selection: TokenSelection
-    shared: bool
-    arg: str
-
-    @property
-    def max_index(self) -> int:
-        return self.selection.max_index
-
-    @property
-    def lengths(self) -> Tuple[int, ...]:
-        return self.selection.lengths
-
-    @classmethod
-    def parse(cls, tokens, arg: str) -> "TokenSpec":
-        """[S] / [B, S] ints (list or tensor), ragged per-row lists, or a ``TokenSelection``."""
-        if tokens is None:
-            raise ValueError(f"{arg} must give token indices as a list of ints or an int64 tensor "
-                             "[S] / [B, S] (or per-row lists), got None")
-        if isinstance(tokens, TokenSelection):
-            sel = TokenSelection.build(tokens, batch=tokens.batch, num_keys=tokens.max_index + 1,
-                                       device="cpu", name=arg)
-            return cls(sel, False, arg)
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
-            tokens = [tokens]
-        if isinstance(tokens, Tensor):
-            if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-                raise TypeError(f"{arg} must hold integer token indices, got dtype {tokens.dtype}")
-            tokens = tokens.detach().cpu()  # one host sync here, none per call or layer
-            rows = tokens.shape[0] if tokens.dim() == 2 else 1
-            low = int(tokens.min()) if tokens.numel() else 0
-        elif isinstance(tokens, (list, tuple)):
-            nested = [r for r in tokens if isinstance(r, (list, tuple))]
-            flat = [x for r in tokens for x in (r if isinstance(r, (list, tuple)) else [r])]
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-                raise TypeError(f"{arg} must hold integer token indices, got {tokens!r}")
-            rows = len(tokens) if nested else 1
-            low = min(flat) if flat else 0
-        else:
-            raise TypeError(f"{arg} must be a list of ints, per-row lists or an int64 tensor "
-                            f"[S] / [B, S], got {type(tokens).__name__}")
-        if low < 0:
-            raise ValueError(f"{arg} must be non-negative token positions, got min {low}")
-        # shapes, empty rows and integer types: the same checks the fused ops make
-        sel = TokenSelection.build(tokens, batch=rows, num_keys=2 ** 62, device="cpu", name=arg)
-        shared = not (isinstance(tokens, Tensor) and tokens.dim() == 2) and not (
-            isinstance(tokens, (list, tuple)) and any(isinstance(r, (list, tuple)) for r in tokens))
-        return cls(sel, shared, arg)
-
-    def to(self, device: torch.device) -> "TokenSpec":
-        """The same spec with its index (and weight) tensors on ``device`` (once per block)."""
-        sel = self.selection
-        if sel.device == device:
-            return self
-        weights = None if sel.weights is None else sel.weights.to(device, non_blocking=True)
-        moved = TokenSelection(sel.index.to(device, non_blocking=True), weights, sel.lengths, sel.max_index)
-        return TokenSpec(moved, self.shared, self.arg)
-
-    def for_call(self, batch: int, num_keys: int, device: torch.device, states_arg: str) -> TokenSelection:
-        """Check against one call's sizes and give its selection on ``device`` (once per call).
-
-        Traced (``torch.compile``): reads only static values; the indices are clamped to
-        ``num_keys - 1`` in the graph, so a list too long for this call cannot read past the keys,
-        and the range is checked when the recorder is read (:meth:`CallSink.num_keys`).
-        """
-        sel = self.selection
-        if not self.shared and sel.batch != batch:
-            raise ValueError(
-                f"{self.arg} has {sel.batch} rows but the UNet call has batch {batch}: give [S] "
-                f"(shared) or [B={batch}, S] (under classifier-free guidance B counts both halves)"
-            )
-        traced = torch.compiler.is_compiling()
-        if not traced:
-            check_token_range(self.max_index, num_keys, self.arg, states_arg)
-        index, weights = sel.index, sel.weights
-        if index.device != device:  # the model moved since block entry
-            index = index.to(device, non_blocking=True)
-            weights = None if weights is None else weights.to(device, non_blocking=True)
-        if self.shared:
-            index = index.expand(batch, -1)
-        if traced:
-            index = index.clamp(max=num_keys - 1)
-        lengths = sel.lengths * batch if self.shared else sel.lengths
-        # traced: an upper bound that is the same every step (the real maximum varies by step)
-        return TokenSelection(index, weights, lengths, num_keys - 1 if traced else self.max_index)
-
-
-def check_token_range(hi: int, length: int, arg: str, states_arg: str) -> None:
-    if hi >= length:
-        raise ValueError(
-            f"{arg} must index the {length} text tokens of {states_arg} (0 ... {length - 1}), "
-            f"got index {hi}"
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,9 +101,16 @@ def per_layer(states: Optional[StatesLike], name: str) -> Optional[Tensor]:
 @dataclass(frozen=True, eq=False)
 class CaptureRequest:
     layers: FrozenSet[str]
-    tokens: TokenSpec
+    tokens: Optional[TokenSpec]  # None: image-prompt maps only
     head_reduce: str
     recorder: object
+    ip_tokens: Optional["IPTokens"] = None  # image-prompt tokens per adapter (ip_maps.py)
+    ip_layers: FrozenSet[str] = frozenset()  # the chosen layers that run an IP-Adapter
+
+    @property
+    def recorded_layers(self) -> FrozenSet[str]:
+        """The layers every call of the block must record (checked at block exit)."""
+        return self.layers if self.tokens is not None else self.ip_layers
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,6 +125,10 @@ class LossRequest:
     keep_maps: bool
     recorder: object
     same_tokens: bool = False  # ref_tokens defaulted to tokens (compared here, not while traced)
+
+    @property
+    def recorded_layers(self) -> FrozenSet[str]:
+        return self.layers
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,8 +147,10 @@ Request = Union[CaptureRequest, LossRequest, ValuesRequest]
 @dataclass(frozen=True, eq=False)
 class CaptureItem:
     results: Dict[str, tuple]  # the call's CallSink results: layer name -> (maps, None)
-    tokens: TokenSelection  # on the call's device
+    tokens: Optional[TokenSelection]  # on the call's device; None: image-prompt maps only
     head_reduce: str
+    ip: Optional["IPTokens"] = None  # per adapter: "all" or a placed, not yet bounded selection
+    ip_results: Optional[dict] = None  # (layer, adapter) -> (maps, keys, tokens per image)
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,8 +167,9 @@ class LossItem:
 @dataclass(frozen=True, eq=False)
 class LayerPlan:
     value_states: Optional[Tensor]
-    captures: Tuple[CaptureItem, ...]
+    captures: Tuple[CaptureItem, ...]  # maps of the text tokens
     loss: Optional[LossItem]
+    ip_captures: Tuple[CaptureItem, ...] = ()  # maps of the image-prompt tokens (IP-Adapter layers)
 
     @property
     def wants_maps(self) -> bool:
@@ -281,7 +190,8 @@ class CallSink:
     """Where a recording request's results leave its UNet calls: a chain of plain dicts.
 
     ``current`` is the (empty) dict the next call will fill. A call takes it, puts in
-    ``"results"`` (layer name -> ``(value, maps)``, filled by the processors), ``"grids"`` and
+    ``"results"`` (layer name -> ``(value, maps)``, filled by the processors), ``"ip"`` (the
+    image-prompt maps, ``(layer, adapter) -> (maps, keys, tokens per image)``), ``"grids"`` and
     ``"num_keys"`` (``M`` and ``M_ref`` of the call, for the deferred range check), links a new
     empty dict under ``"next"`` and makes that the current one. Only dicts, tensors and static
     values are touched, so a compiled UNet neither guards on the block nor recompiles per call;
@@ -294,14 +204,15 @@ class CallSink:
         self.current: dict = {}
 
     def open_call(self, grids: Dict[str, Optional[Tuple[int, int]]], num_keys: Tuple[int, int]) -> dict:
-        """Start one call: returns its results dict (layer name -> (value, maps))."""
+        """Start one call: returns its entry (``"results"``, ``"ip"``: dicts the processors fill)."""
         entry, nxt = self.current, {}
         entry["results"] = {}
+        entry["ip"] = {}
         entry["grids"] = grids
         entry["num_keys"] = num_keys
         entry["next"] = nxt
         self.current = nxt
-        return entry["results"]
+        return entry
 
     @staticmethod
     def take(head: dict) -> Tuple[list, dict]:
@@ -342,8 +253,10 @@ def plan_call(owner: object, requests: Sequence[Request], ehs: Tensor,
         for states in states_of(getattr(r, "value_states", None)):
             check_states_for_call(states, "value_states", ehs, same_length=True)
         if isinstance(r, CaptureRequest):
-            tokens = r.tokens.for_call(b, m, dev, "encoder_hidden_states")
-            placed.append((tokens, r.recorder._sink.open_call(grids, (m, m))))
+            tokens = None if r.tokens is None else r.tokens.for_call(b, m, dev, "encoder_hidden_states")
+            ip = None if r.ip_tokens is None else r.ip_tokens.place(b, dev)
+            entry = r.recorder._sink.open_call(grids, (m, m))
+            placed.append(CaptureItem(entry["results"], tokens, r.head_reduce, ip, entry["ip"]))
         elif isinstance(r, LossRequest):
             tokens = r.tokens.for_call(b, m, dev, "encoder_hidden_states")
             m_ref = [s.shape[1] for s in states_of(r.reference_states)]
@@ -354,7 +267,7 @@ def plan_call(owner: object, requests: Sequence[Request], ehs: Tensor,
             ref = tokens if r.same_tokens and set(m_ref) == {m} else \
                 r.ref_tokens.for_call(b, min(m_ref), dev, "reference_states")
             ref_bias = None if r.ref_bias is None else r.ref_bias.to(dev, non_blocking=True)
-            placed.append((tokens, ref, ref_bias, r.recorder._sink.open_call(grids, (m, min(m_ref)))))
+            placed.append((tokens, ref, ref_bias, r.recorder._sink.open_call(grids, (m, min(m_ref)))["results"]))
         else:
             placed.append(None)
 
@@ -368,18 +281,19 @@ def plan_call(owner: object, requests: Sequence[Request], ehs: Tensor,
                 value_states = per_layer(vs, name)
                 if value_states is not None:
                     break
-        captures = tuple(CaptureItem(p[1], p[0], r.head_reduce) for r, p in zip(requests, placed)
-                         if isinstance(r, CaptureRequest) and name in r.layers)
+        mine = [(r, p) for r, p in zip(requests, placed) if isinstance(r, CaptureRequest) and name in r.layers]
+        captures = tuple(p for r, p in mine if r.tokens is not None)
+        ip_captures = tuple(p for r, p in mine if r.ip_tokens is not None and name in r.ip_layers)
         loss = None
         for r, p in zip(requests, placed):
             if isinstance(r, LossRequest) and name in r.layers:
                 tokens, ref, ref_bias, results = p
                 loss = LossItem(results, per_layer(r.reference_states, name), tokens, ref, r.head_reduce,
                                 ref_bias, r.keep_maps)
-        if value_states is not None or captures or loss is not None:
-            plans[name] = LayerPlan(value_states, captures, loss)
+        if value_states is not None or captures or loss is not None or ip_captures:
+            plans[name] = LayerPlan(value_states, captures, loss, ip_captures)
     return CallState(owner, plans)
 
 
-__all__ = ["TokenSpec", "CaptureRequest", "LossRequest", "ValuesRequest", "CaptureItem", "LossItem",
+__all__ = ["TokenSpec", "bound", "check_token_range", "CaptureRequest", "LossRequest", "ValuesRequest", "CaptureItem", "LossItem",
            "LayerPlan", "CallState", "CallSink", "CallStateProtocol", "plan_call", "ACCUMULATE"]
