@@ -1,122 +1,150 @@
-"""One DiT training step with the subject-wise loss in every joint layer: Flux and SD3 twins.
+"""The diffusion-transformer side of ``benchmarks/train_step.py``: the Flux.1-dev and SD3.5-medium steps.
 
-Three ways of running the same step (denoising MSE + 0.003 · subject loss, backward into the
-transformer's weights), on the Flux.1-dev twin (19 double + 38 single blocks) and the SD3.5-medium
-twin (24 joint blocks), at a patch grid of ``--side`` × ``--side`` with ``--text`` text tokens:
+``python benchmarks/train_step.py --models flux sd3`` runs the same step as for the UNets (denoising
+MSE + 0.003 · subject loss on 10 text tokens in every layer whose keys include the text, gradients
+to the text states, the transformer frozen), the same variants, interleaved rounds, table and JSON.
+What differs for a DiT lives here:
 
-* ``floor``     semfid installed, no block: the stock step (SDPA / dispatch_attention_fn);
-* ``semfid``    ``ctl.subject_loss``: one no-grad reference forward, then the fused op per layer;
-* ``explicit``  the same reference forward, then per layer an explicit joint softmax for the
-                target and for the reference key set ([B, H, N, M] each, kept for backward).
-
-Reported: median step time (meaningless on a loaded machine: the load average is printed beside
-it) and the bytes autograd saves for backward during the forward (deterministic). The loss values
-of ``semfid`` and ``explicit`` are checked equal first.
-
-    python benchmarks/dit_train_step.py --models flux sd3 --side 16 --text 64 --steps 3
+* the models: the Flux.1-dev twin (19 double + 38 single-stream blocks) and the SD3.5-medium twin
+  (24 joint blocks, 13 image-only ``attn2``), or the full-size configs with random weights;
+* the inputs of one call (latents at ``res`` px: a ``res/16`` × ``res/16`` patch grid; Flux's
+  packed latents, ids and guidance; SD3's pooled projections) and the text lengths of the real
+  pipelines (Flux.1-dev: 512 T5 tokens; SD3: 77 CLIP + 256 T5);
+* the stock processors the ``floor`` variant runs (``FluxAttnProcessor``, ``JointAttnProcessor2_0``);
+* the ``explicit`` baseline: semfid's processors with the same no-grad reference forward, but in
+  each joint layer a full softmax over the joint key set for the target ([B, H, N, M], kept for
+  backward) and one without gradient for the reference key set, the maps taken from them
+  (:func:`explicit_joint_attention`, in place of :func:`semfid.diffusers.families.joint.joint_attention`).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
-import time
+import contextlib
+from typing import Dict, Optional
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from baselines import eager_head_mean_maps, eager_probabilities, subject_loss
 
-from _dit_calls import make_call, twin  # noqa: E402
+#: model → (full-size config, structural twin, pixel resolution of the full-size run)
+DIT_MODELS = {
+    "flux": ("flux_dev_transformer", "flux_dev_transformer_twin", 1024),
+    "sd3": ("sd35_medium_transformer", "sd35_medium_transformer_twin", 1024),
+}
+#: pixel resolution of a twin's run (SD3.5 twin: ``pos_embed_max_size`` 16 patches = 256 px)
+TWIN_RES = 256
+#: text tokens of one call: Flux.1-dev's max_sequence_length, SD3's 77 CLIP + 256 T5 keys
+TEXT_LEN = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 77 + 256}
 
-from semfid.diffusers import install  # noqa: E402
-from semfid.diffusers.families import flux as flux_family, sd3 as sd3_family  # noqa: E402
-from semfid.diffusers.families.reference import reference_for  # noqa: E402
-from semfid.testing.memory import SavedBytes  # noqa: E402
 
-TOKENS, REF_TOKENS = [1, 2], [1, 3]
+def is_dit(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is one of the transformers this module runs."""
+    return type(model).__name__ in TEXT_LEN
+
+
+def build_dit(config_name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen, randomly initialised transformer from a config shipped with semfid (built on
+    ``device`` directly)."""
+    from semfid.testing.dits import dit_from_config
+
+    with torch.device(device):
+        model = dit_from_config(config_name)
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
+def stock_processor(model: torch.nn.Module):
+    """The processor diffusers builds the model's attention layers with (what ``floor`` runs)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    kind = type(model).__name__
+    if kind == "FluxTransformer2DModel":
+        return FluxAttnProcessor()
+    if kind == "SD3Transformer2DModel":
+        return JointAttnProcessor2_0()
+    return AttnProcessor2_0()
+
+
+def dit_step_fields(model: torch.nn.Module, batch: int, latent: int, device, dtype, seed: int = 0) -> dict:
+    r"""The tensors of one training step of ``model`` at a ``latent`` × ``latent`` latent.
+
+    Returns:
+        `dict`: ``sample`` (SD3: [B, C, latent, latent]; Flux: packed [B, (latent/2)², C]),
+        ``timestep`` [B], ``key_states`` [B, M, C_text] (the trained text states: a leaf that
+        requires grad), ``reference_states`` (same shape, the reference prompt), ``noise`` (the
+        target, shaped as the prediction) and ``dit_kwargs`` (the call's other arguments).
+    """
+    cfg = model.config
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    side = latent // 2  # the patch grid: 2 × 2 latent pixels per token (SD3 patch 2, Flux packing)
+    text, width = TEXT_LEN[type(model).__name__], model.context_embedder.in_features
+    t = torch.rand(batch, generator=gen).to(device=device, dtype=dtype)
+    fields = dict(key_states=randn(batch, text, width).requires_grad_(True),
+                  reference_states=randn(batch, text, width))
+    if type(model).__name__ == "FluxTransformer2DModel":
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        out_channels = cfg.out_channels or cfg.in_channels
+        kwargs = dict(pooled_projections=randn(batch, cfg.pooled_projection_dim),
+                      img_ids=img_ids.to(device=device, dtype=dtype),
+                      txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
+        if cfg.guidance_embeds:
+            kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+        return dict(fields, sample=randn(batch, side * side, cfg.in_channels), timestep=t,
+                    noise=randn(batch, side * side, out_channels), dit_kwargs=kwargs)
+    return dict(fields, sample=randn(batch, cfg.in_channels, latent, latent), timestep=t * 1000,
+                noise=randn(batch, cfg.out_channels, latent, latent),
+                dit_kwargs=dict(pooled_projections=randn(batch, cfg.pooled_projection_dim)))
+
+
+def dit_prediction(model: torch.nn.Module, x) -> torch.Tensor:
+    """The model's prediction for the step inputs ``x`` (``train_step.StepInputs``)."""
+    return model(hidden_states=x.sample, timestep=x.timestep, encoder_hidden_states=x.key_states,
+                 **x.dit_kwargs).sample
 
 
 def explicit_joint_attention(name, query, key, value, *, scale, attn_bias, plan, call, text, image,
-                             ref_keys=None):
-    """The explicit baseline in semfid's slot: full softmaxes for the target and the reference."""
+                             ref_keys: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """The explicit baseline in :func:`~semfid.diffusers.families.joint.joint_attention`'s place:
+    full softmaxes over the joint key sets of the target and (no grad) the reference."""
+    from semfid.diffusers.families.reference import reference_for
+
     item = plan.loss
+    if item is None or attn_bias is not None or item.tokens.ragged or item.keep_maps:
+        raise ValueError(f"layer {name}: the explicit baseline runs only this benchmark's loss "
+                         "(one token list for every row, no mask, no kept maps)")
     k_ref = reference_for(name, ref_keys, query.shape[0])
-    k_r = torch.cat([key[:, :, :text[0]], k_ref, key[:, :, text[1]:]], dim=2)
-    p_t = (query @ key.transpose(-1, -2) * scale).softmax(-1)  # [B, H, N, M]
+    rows = slice(*image)
+    p_t = eager_probabilities(query, key, scale)  # [B, H, N, M]
+    maps_t = eager_head_mean_maps(p_t[:, :, rows], item.tokens.index[0] + text[0])
     with torch.no_grad():
-        p_r = (query @ k_r.transpose(-1, -2) * scale).softmax(-1)
-    out = p_t @ value
-    rows = slice(image[0], image[1])
-    a_t = p_t[:, :, rows][..., [text[0] + t for t in TOKENS]].mean(1)
-    a_r = p_r[:, :, rows][..., [text[0] + t for t in REF_TOKENS]].mean(1)
-    call.record(item, name, (a_t - a_r).square().mean(dim=(1, 2)), None)
-    return out
+        k_r = torch.cat([key[:, :, :text[0]], k_ref, key[:, :, text[1]:]], dim=2)
+        p_r = eager_probabilities(query, k_r, scale)
+        maps_r = eager_head_mean_maps(p_r[:, :, rows], item.ref_tokens.index[0] + text[0])
+    call.record(item, name, subject_loss(maps_t, maps_r), None)
+    return torch.matmul(p_t, value)
 
 
-def _step(model, ctl, kw, ref, way):
-    if way == "floor":
-        pred = model(**kw).sample
-        loss = pred.square().mean()
-        extra = None
-    else:
-        with ctl.subject_loss(ref, TOKENS, ref_tokens=REF_TOKENS) as rec:
-            pred = model(**kw).sample
-        extra = rec.loss
-        loss = pred.square().mean() + 0.003 * extra.sum()
-    return loss, extra
+@contextlib.contextmanager
+def explicit_joint(model: torch.nn.Module):
+    """Inside: the installed processors of ``model`` (Flux or SD3) take their maps and loss from
+    :func:`explicit_joint_attention` (the name their family module calls is swapped, then restored)."""
+    from semfid.diffusers.families import flux, sd3
 
-
-def run(family: str, side: int, text: int, steps: int):
-    torch.manual_seed(0)
-    model = twin(family).train()
-    kw = make_call(family, batch=1, text=text, h=side, w=side)
-    ref = torch.randn(1, text, 32)
-    ctl = install(model)
-    module = flux_family if family == "flux" else sd3_family
+    module = flux if type(model).__name__ == "FluxTransformer2DModel" else sd3
     stock = module.joint_attention
-    rows, losses = [], {}
-    for way in ("floor", "semfid", "explicit"):
-        module.joint_attention = explicit_joint_attention if way == "explicit" else stock
-        try:
-            times = []
-            with SavedBytes() as saved:
-                loss, extra = _step(model, ctl, kw, ref, way)
-            loss.backward()
-            losses[way] = extra
-            for _ in range(steps):
-                model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                loss, _ = _step(model, ctl, kw, ref, way)
-                loss.backward()
-                times.append(time.perf_counter() - t0)
-        finally:
-            module.joint_attention = stock
-        rows.append((way, statistics.median(times), saved.nbytes))
-    if not torch.allclose(losses["semfid"], losses["explicit"], rtol=1e-4, atol=1e-9):
-        raise SystemExit(f"{family}: semfid and explicit losses differ: {losses['semfid']} vs {losses['explicit']}")
-    return rows
+    module.joint_attention = explicit_joint_attention
+    try:
+        yield
+    finally:
+        module.joint_attention = stock
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", choices=("flux", "sd3"), default=["flux", "sd3"])
-    p.add_argument("--side", type=int, default=16, help="patch grid side (16: 256 px Flux / SD3)")
-    p.add_argument("--text", type=int, default=64, help="text tokens")
-    p.add_argument("--steps", type=int, default=3)
-    args = p.parse_args(argv)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.side}x{args.side} patches, "
-          f"{args.text} text tokens, batch 1")
-    print("| model | way | step s (median) | over floor | saved for backward MiB |")
-    print("|---|---|---|---|---|")
-    for family in args.models:
-        rows = run(family, args.side, args.text, args.steps)
-        floor = rows[0][1]
-        for way, t, nbytes in rows:
-            print(f"| {family} twin | {way} | {t:.3f} | {t / floor:.2f}x | {nbytes / 2**20:.1f} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["DIT_MODELS", "TWIN_RES", "TEXT_LEN", "is_dit", "build_dit", "stock_processor", "dit_step_fields",
+           "dit_prediction", "explicit_joint_attention", "explicit_joint"]

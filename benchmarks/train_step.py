@@ -7,9 +7,16 @@ Three ways of running the same step:
 * ``explicit``  an explicit-softmax processor that stores the maps of every cross-attention layer and
                 computes the loss from them afterwards (Prompt-to-Prompt's AttentionStore /
                 FastComposer style), written below on top of ``baselines.eager_*``;
+* ``installed`` semfid's processors installed, no block active: the plain denoising step, which must
+                cost what the floor costs (the stock math and kernels, ``install``'s promise);
 * ``floor``     plain ``AttnProcessor2_0`` (SDPA) and no attention loss: the cost of the step itself.
 
-Reported: step time (median ± IQR), peak GPU memory, and the cost of the loss over the floor, as a
+``--models flux sd3``: the same step on the Flux.1-dev and SD3.5-medium transformers (the subject
+loss in every joint layer, after semfid's one no-grad reference forward; ``explicit`` = full joint
+softmaxes; ``floor`` = diffusers' own Flux / SD3 processors): ``dit_train_step.py``.
+
+Reported: step time (median ± IQR), peak GPU memory, the bytes autograd saves for backward in one
+step (``saved MiB``: deterministic, also on a CPU; not with ``--compile``), and the cost over the floor, as a
 ratio of medians and paired (the median over rounds of step / the floor's step in the same round).
 SD1.5 and SDXL; on CPU their structural twins (same layout, tiny widths) by default, on GPU the
 full-size configs with random weights at 512 / 1024 px. Every round draws new reference states and
@@ -23,11 +30,13 @@ CUDA graphs); the table adds how many graphs Dynamo compiled after each variant'
     python benchmarks/train_step.py                       # CPU: twins; GPU: full size, bf16
     python benchmarks/train_step.py --models sd15 --size full --res 256 --steps 3
     python benchmarks/train_step.py --compile             # compiled floor / explicit / semfid
+    python benchmarks/train_step.py --models flux sd3     # the DiT twins (256 px, 512 / 333 text tokens)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -45,16 +54,21 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from _bench_utils import (  # noqa: E402
-    MIB, _summarize, environment, format_environment, load_average,
+    MIB, SavedBytes, _summarize, environment, format_environment, load_average,
 )
 from baselines import eager_head_mean_maps, eager_probabilities, subject_loss  # noqa: E402
+from dit_train_step import (  # noqa: E402
+    DIT_MODELS, TWIN_RES, build_dit, dit_prediction, dit_step_fields, explicit_joint, is_dit,
+    stock_processor,
+)
 
 LOSS_WEIGHT = 0.003  # λ of SeFi-IDE (DESIGN.md §1)
 NUM_TOKENS = 10
-VARIANTS = ("semfid", "explicit", "floor")
+VARIANTS = ("semfid", "explicit", "installed", "floor")
 MODELS = {  # name -> (full-size config, structural twin, pixel resolution of the full-size run)
     "sd15": ("sd15_unet", "sd15_unet_twin", 512),
     "sdxl": ("sdxl_unet", "sdxl_unet_twin", 1024),
+    **DIT_MODELS,  # flux, sd3
 }
 
 
@@ -161,9 +175,13 @@ class StepInputs:
     noise: torch.Tensor
     tokens: torch.Tensor
     added_cond: Optional[dict]
+    dit_kwargs: Optional[dict] = None  # Flux / SD3: the call's other arguments (dit_train_step.py)
 
 
 def make_step_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0) -> StepInputs:
+    if is_dit(unet):
+        return StepInputs(**dit_step_fields(unet, batch, latent, device, dtype, seed), added_cond=None,
+                          tokens=torch.arange(1, 1 + NUM_TOKENS, device=device))
     cfg = unet.config
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -191,8 +209,11 @@ def make_step_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0
 # one step per variant
 # ------------------------------------------------------------------------------------------------
 def _denoise_loss(unet, x: StepInputs) -> torch.Tensor:
-    pred = unet(x.sample, x.timestep, encoder_hidden_states=x.key_states,
-                added_cond_kwargs=x.added_cond).sample
+    if x.dit_kwargs is not None:
+        pred = dit_prediction(unet, x)
+    else:
+        pred = unet(x.sample, x.timestep, encoder_hidden_states=x.key_states,
+                    added_cond_kwargs=x.added_cond).sample
     return F.mse_loss(pred.float(), x.noise.float())
 
 
@@ -221,8 +242,8 @@ class Variant:
     def _setup(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.unet.set_attn_processor(AttnProcessor2_0())
-        if self.name == "semfid":
+        self.unet.set_attn_processor(stock_processor(self.unet))
+        if self.name in ("semfid", "installed") or (self.name == "explicit" and is_dit(self.unet)):
             from semfid.diffusers import install
 
             self.ctl = install(self.unet)
@@ -242,15 +263,14 @@ class Variant:
         if self.ctl is not None:
             self.ctl.uninstall()
             self.ctl = None
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.unet.set_attn_processor(AttnProcessor2_0())
+        self.unet.set_attn_processor(stock_processor(self.unet))
 
     def step(self, x: StepInputs):
         """Forward + backward; returns (attention loss [B] or None, d key_states)."""
         attn_loss = None
-        if self.name == "semfid":
-            with self.ctl.subject_loss(x.reference_states, x.tokens) as rec:
+        if self.name == "semfid" or (self.name == "explicit" and is_dit(self.unet)):
+            explicit = explicit_joint(self.unet) if self.name == "explicit" else contextlib.nullcontext()
+            with explicit, self.ctl.subject_loss(x.reference_states, x.tokens) as rec:
                 denoise = _denoise_loss(self.model, x)
             attn_loss = rec.loss
         elif self.name == "explicit":
@@ -287,9 +307,10 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
     full_name, twin_name, full_res = MODELS[model]
     config_name = full_name if size == "full" else twin_name
     t0 = time.perf_counter()
-    unet = build_unet(config_name, device, dtype)
+    unet = (build_dit if model in DIT_MODELS else build_unet)(config_name, device, dtype)
     if res is None:
-        res = full_res if size == "full" else unet.config.sample_size * 8
+        twin_res = TWIN_RES if model in DIT_MODELS else unet.config.sample_size * 8
+        res = full_res if size == "full" else twin_res
     latent = res // 8
     x = make_step_inputs(unet, batch, latent, device, dtype)
     n_params = sum(p.numel() for p in unet.parameters())
@@ -297,7 +318,7 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
     log(f"\n{model} ({config_name}, {n_params / 1e6:.1f} M params, built in {time.perf_counter() - t0:.1f} s): "
         f"{res} px (latent {latent}x{latent}), batch {batch}, {str(dtype).replace('torch.', '')}{compiled}")
 
-    rows, losses, grads, samples, peaks, recompiles = [], {}, {}, {}, {}, {}
+    rows, losses, grads, samples, peaks, recompiles, saved = [], {}, {}, {}, {}, {}, {}
     live: List[Variant] = []
     for name in variants:  # first step of each: warm-up, and the loss/gradient compared below
         t0 = time.perf_counter()
@@ -305,7 +326,9 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
         try:
             variant = Variant(name, unet, compile_mode)
             variant.setup()
-            losses[name], grads[name] = variant.step(x)
+            with SavedBytes() if compile_mode is None else contextlib.nullcontext() as counter:
+                losses[name], grads[name] = variant.step(x)
+            saved[name] = None if counter is None else counter.mib
             live.append(variant)
             samples[name], recompiles[name] = [], 0
             if compile_mode is not None:
@@ -356,6 +379,7 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
                      "batch": batch, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
                      "ms_median": round(timing.median_ms, 3), "ms_iqr": round(timing.iqr_ms, 3),
                      "steps": timing.reps, "peak_mib": None if peak is None else round(peak, 1),
+                     "saved_mib": None if saved[variant.name] is None else round(saved[variant.name], 2),
                      "compile": compile_mode,
                      "recompiles": None if compile_mode is None else recompiles[variant.name]})
 
@@ -390,11 +414,12 @@ def run_model(model: str, size: str, res: Optional[int], batch: int, device, dty
 
 def format_rows(rows: List[dict]) -> str:
     header = ["model", "config", "res", "B", "dtype", "compile", "variant", "step ms (median±IQR)",
-              "peak MiB", "loss cost vs floor", "paired", "recompiles"]
+              "peak MiB", "saved MiB", "loss cost vs floor", "paired", "recompiles"]
     table = [[r["model"], r["config"], str(r["res"]), str(r["batch"]), r["dtype"], r.get("compile") or "-",
               r["variant"],
               f"{r['ms_median']:.1f}±{r['ms_iqr']:.1f}",
               "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+              "-" if r.get("saved_mib") is None else f"{r['saved_mib']:.1f}",
               "-" if r["overhead_vs_floor_pct"] is None or r["variant"] == "floor"
               else f"{r['overhead_vs_floor_pct']:+.1f}%",
               "-" if r.get("paired_overhead_vs_floor_pct") is None or r["variant"] == "floor"
@@ -449,7 +474,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     size = args.size or ("full" if device.type == "cuda" else "twin")
     env = environment(device)
-    print("semfid train_step: UNet step, subject loss on every cross-attention layer, grads to the text states")
+    print("semfid train_step: UNet / DiT step, subject loss on every layer attending to the text, "
+          "grads to the text states")
     print(format_environment(env))
     modes: List[Optional[str]] = [None]
     if args.compile or args.compile_modes:

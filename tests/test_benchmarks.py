@@ -199,3 +199,28 @@ def test_train_step_smoke_reports_overhead_and_load(tmp_path, capsys):
     assert rows["floor"]["paired_overhead_vs_floor_pct"] == 0.0
     assert rows["semfid"]["paired_overhead_vs_floor_pct"] is not None
     assert rows["semfid"]["ms_median"] > 0 and rows["semfid"]["load_avg_1m_end"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_train_step_runs_the_dit_twins(tmp_path, capsys, model):
+    """--models flux / sd3: the same variants and JSON as the UNets; the fused loss equals the
+    explicit joint softmax's, and installed-without-a-block saves exactly what the stock step saves."""
+    pytest.importorskip("diffusers")
+    import train_step
+
+    path = tmp_path / "steps.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--models", model, "--res", "64", "--batch", "1", "--steps", "1", "--warmup", "1",
+                "--threads", "1", "--json", str(path)]
+        assert train_step.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "FAILED" not in capsys.readouterr().out
+    rows = {r["variant"]: r for r in json.loads(path.read_text())}
+    assert set(rows) == {"semfid", "explicit", "installed", "floor"}
+    assert rows["semfid"]["loss_rel_diff_vs_explicit"] < 1e-4
+    saved = {v: r["saved_mib"] for v, r in rows.items()}
+    assert saved["installed"] == saved["floor"] < saved["semfid"] < saved["explicit"]
+    assert rows["installed"]["paired_overhead_vs_floor_pct"] is not None
