@@ -200,3 +200,42 @@ def test_ip_tokens_errors(base_pipe):
     with pytest.raises(ValueError, match="needs IP-Adapter layers, but none of the 16 chosen"):
         plain.capture([1], ip_tokens="all")
     plain.uninstall()
+
+
+@pytest.mark.slow
+def test_compiled_ip_maps_never_recompile(base_pipe):
+    """torch.compile(fullgraph=True): three blocks with new image-prompt positions (same count) and
+    new inputs compile once; maps equal the eager ones; a position past the keys is clamped in the
+    graph and named when the block exits (no recompile)."""
+    from torch._dynamo.utils import counters
+
+    sizes, images = (4, 16), (1, 2)
+    unet = built(base_pipe, sizes, torch.float32).eval()
+    ctl = install(unet)
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    first = None
+    try:
+        for step in range(3):
+            call = make_call(unet, sizes, images, torch.float32, seed=10 + step)
+            ip_tokens = {0: [step % 4, 3 - step], 1: "all"}
+            recs = []
+            for model in (compiled, unet):
+                with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=first is not None):
+                    with ctl.capture([1, 2 + step], ip_tokens=ip_tokens) as rec:
+                        run(model, call)
+                recs.append(rec)
+                if first is None:
+                    first = counters["stats"]["unique_graphs"]
+            assert counters["stats"]["unique_graphs"] == first, f"step {step} compiled a new graph"
+            got, want = (r.ip_maps for r in recs)
+            for layer in want:
+                for a in (0, 1):
+                    assert rel_err(got[layer][a], want[layer][a]) <= 1e-5, (layer, a)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            with pytest.raises(ValueError, match=r"ip_tokens\[0\] must index the 4 image-prompt tokens"):
+                with torch.no_grad(), ctl.capture([1, 2], ip_tokens={0: [0, 4], 1: "all"}):
+                    run(compiled, call)
+    finally:
+        torch._dynamo.reset()
+        ctl.uninstall()

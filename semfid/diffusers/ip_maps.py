@@ -134,9 +134,12 @@ class IPTokens:
 # ------------------------------------------------------------------------------------------------
 def wanted(plan, adapter: int) -> List[tuple]:
     """``(item, choice)`` of each capture of ``plan`` asking for adapter ``adapter``'s maps."""
-    if plan is None:
-        return []
-    return [(item, c) for item in plan.ip_captures if (c := item.ip.get(adapter)) is not None]
+    found = []
+    for item in () if plan is None else plan.ip_captures:  # (no walrus: Dynamo cannot trace it here)
+        choice = item.ip.get(adapter)
+        if choice is not None:
+            found.append((item, choice))
+    return found
 
 
 def _everything(batch: int, num_keys: int, device) -> TokenSelection:
