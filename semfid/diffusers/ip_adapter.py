@@ -7,7 +7,9 @@ second attention over image-prompt tokens: with ``q`` the layer's query,
 
 (``IPAdapterAttnProcessor2_0.__call__`` in diffusers). The text attention and each image attention
 are separate softmaxes, so the maps of the text tokens are exactly those of the plain text attention
-and semfid's capture / subject loss apply to the text branch unchanged.
+and semfid's capture / subject loss apply to the text branch unchanged. The image attentions'
+own maps (which image-prompt tokens a region attends to) are recorded on request,
+``capture(..., ip_tokens=...)`` (:mod:`semfid.diffusers.ip_maps`).
 
 :class:`SemfidIPAdapterAttnProcessor` is a subclass of ``IPAdapterAttnProcessor2_0`` (so
 ``set_ip_adapter_scale`` and ``unload_ip_adapter`` treat it as theirs) that shares the adapter's

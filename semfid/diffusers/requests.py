@@ -2,15 +2,18 @@
 
 Three layers of validation, each done once:
 
-1. **Block entry** (:func:`TokenSpec.parse`, :func:`check_states`): types, ranks, widths, index
-   signs — everything that does not depend on the UNet call. The result is a frozen request:
+1. **Block entry** (:func:`TokenSpec.parse` in :mod:`.token_specs`, :func:`check_states`,
+   ``IPTokens.parse`` in :mod:`.ip_maps`): types, ranks, widths, index signs — everything that does
+   not depend on the UNet call. The result is a frozen request:
    :class:`CaptureRequest`, :class:`LossRequest` or :class:`ValuesRequest`.
 2. **UNet call** (:func:`plan_call`, run by the controller's pre-hook): batch sizes, token ranges
    against the call's ``encoder_hidden_states`` and devices; the token lists become
    :class:`semfid.TokenSelection` objects on the call's device, and one :class:`LayerPlan` per
    chosen layer is built. The result is a :class:`CallState`.
 3. **Per layer**: nothing is checked or copied; the processor looks its plan up by name and passes
-   the selections to the fused ops, which only compare sizes.
+   the selections to the fused ops, which only compare sizes. Image-prompt tokens
+   (``capture(..., ip_tokens=...)``) are the exception: an adapter's key count is known only in
+   the layer, so they are bounded there (:func:`bound`: eagerly a range check naming the adapter).
 
 Compile stability. Under ``torch.compile`` the pre-hook and the processors are traced, and Dynamo
 guards on every Python value they read. So what a call reads is either a tensor (token indices,
