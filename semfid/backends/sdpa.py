@@ -58,7 +58,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _pad_last(t: Tensor, width: int) -> Tensor:
-    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+    """t with zero columns appended to ``width`` (one copy: F.pad fills the whole result first)."""
+    if t.shape[-1] == width:
+        return t
+    padded = t.new_empty(*t.shape[:-1], width)
+    padded[..., : t.shape[-1]].copy_(t)
+    padded[..., t.shape[-1]:].zero_()
+    return padded
 
 
 def _padded_widths(device_type: str, head_dim: int, value_dim: int) -> Tuple[int, int]:
