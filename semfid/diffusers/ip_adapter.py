@@ -163,7 +163,7 @@ class SemfidIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0, SemfidAttnProcesso
                     out = out + scale * ip_out.to(query.dtype)
                 continue
             scales = scale if isinstance(scale, list) else [scale] * mask.shape[1]
-            selects = ip_maps.full_selects(want, batch, per_image, query.device)
+            selects = ip_maps.per_image_selects(want, query, per_image)
             image_maps = []
             for i in range(mask.shape[1]):
                 key = _split_heads(to_k_ip(states[:, i]), batch, heads, head_dim)
@@ -178,7 +178,7 @@ class SemfidIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0, SemfidAttnProcesso
                 down = down.to(dtype=query.dtype, device=query.device)
                 out = out + scales[i] * (ip_out * down[:, None])
             if want:
-                ip_maps.masked_maps(self.name, adapter, want, image_maps, per_image, batch)
+                ip_maps.masked(self.name, adapter, want, image_maps, per_image)
         return out
 
     def __deepcopy__(self, memo):

@@ -185,29 +185,33 @@ def record(items: Iterable[Tuple[object, Choice]], name: str, adapter: int, maps
             item.ip_results[(name, adapter)] = (m, num_keys, per_image)
 
 
-def unmasked(name, adapter, query, key, value, want, per_image, need_out):
-    """The unmasked branch: one softmax over the adapter's ``n_img · T`` keys."""
+def unmasked(name: str, adapter: int, query: Tensor, key: Tensor, value: Tensor, want: List[tuple],
+             per_image: int, need_out: bool) -> Optional[Tensor]:
+    """The unmasked branch: one softmax over the adapter's ``n_img · T`` keys; returns ``out``."""
     num_keys, batch = key.shape[2], query.shape[0]
-    selects = [(_everything(batch, num_keys, query.device) if c == ALL else _fit(item, c, adapter, num_keys,
-                                                                                  per_image), item.head_reduce)
-               for item, c in want]
+    selects = []
+    for item, choice in want:
+        sel = _everything(batch, num_keys, query.device) if choice == ALL else \
+            _fit(item, choice, adapter, num_keys, per_image)
+        selects.append((sel, item.head_reduce))
     out, maps = attend(query, key, value, selects, need_out)
     record(want, name, adapter, maps, num_keys, per_image)
     return out
 
 
-def masked_maps(name, adapter, want, per_image_maps: List[List[Tensor]], per_image: int, batch: int) -> None:
-    """Masked branch: each image was its own softmax over ``T`` keys; the captures' columns of the
-    concatenated [..., n_img · T] maps."""
-    num_keys = per_image * len(per_image_maps)
-    for k, (item, c) in enumerate(want):
-        full = torch.cat([maps[k] for maps in per_image_maps], dim=-1)
-        m = full if c == ALL else _pick(full, _fit(item, c, adapter, num_keys, per_image))
-        record([(item, c)], name, adapter, [m], num_keys, per_image)
+def per_image_selects(want: List[tuple], query: Tensor, per_image: int) -> List[Tuple[TokenSelection, str]]:
+    """Masked branch: every capture takes all ``T`` columns of each image's softmax (picked after)."""
+    return [(_everything(query.shape[0], per_image, query.device), item.head_reduce) for item, _ in want]
 
 
-def full_selects(want, batch: int, per_image: int, device) -> List[Tuple[TokenSelection, str]]:
-    return [(_everything(batch, per_image, device), item.head_reduce) for item, _ in want]
+def masked(name: str, adapter: int, want: List[tuple], image_maps: List[List[Tensor]], per_image: int) -> None:
+    """Masked branch: each image was its own softmax over ``T`` keys (``image_maps[j][k]``: image
+    ``j``'s maps for capture ``k``); each capture's columns of the concatenated [..., n_img · T]."""
+    num_keys = per_image * len(image_maps)
+    for k, (item, choice) in enumerate(want):
+        full = torch.cat([maps[k] for maps in image_maps], dim=-1)
+        m = full if choice == ALL else _pick(full, _fit(item, choice, adapter, num_keys, per_image))
+        record([(item, choice)], name, adapter, [m], num_keys, per_image)
 
 
-__all__ = ["ALL", "IPTokens", "check_ip_range", "wanted", "attend", "unmasked", "masked_maps", "full_selects"]
+__all__ = ["ALL", "IPTokens", "check_ip_range", "wanted", "attend", "unmasked", "per_image_selects", "masked"]

@@ -162,7 +162,7 @@ class _Recorder:
     @property
     def ip_steps(self) -> List[Dict[str, Dict[int, Tensor]]]:
         """Every call's :attr:`ip_maps`, in call order (``accumulate="list"`` only)."""
-        self.steps  # the same checks
+        self._require_list("ip_steps")
         return [self._ip_view(step) for step in self._ip.steps]
 
     def _ip_view(self, flat: Dict[tuple, Tensor]) -> Dict[str, Dict[int, Tensor]]:
@@ -187,13 +187,16 @@ class _Recorder:
                              f"(captured adapters: {held})")
         return maps
 
+    def _require_list(self, what: str) -> None:
+        self._require_call(what)
+        if self.accumulate != "list":
+            raise ValueError(f"{what} needs capture(..., accumulate='list'); this recorder has "
+                             f"accumulate={self.accumulate!r}")
+
     @property
     def steps(self) -> List[Dict[str, Tensor]]:
         """Every call's ``{layer: map}`` dict, in call order (``accumulate="list"`` only)."""
-        self._require_call("steps")
-        if self.accumulate != "list":
-            raise ValueError(f"steps needs capture(..., accumulate='list'); this recorder has "
-                             f"accumulate={self.accumulate!r}")
+        self._require_list("steps")
         return list(self._maps.steps)
 
     @property
