@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import (ImageProjection, IPAdapterPlusImageProjection,
                                          MultiIPAdapterImageProjection)
 
-from semfid.diffusers import install
+from semfid.diffusers import NoCallError, install
 
 from _diffusers_ref import RefState, _gather
 from test_ip_adapter import IMG_D, LATENT, M, base_pipe, fresh_pipe, install_ref_ip, make_masks, rel_err, run, tiny_dir  # noqa: F401
@@ -156,7 +156,7 @@ def test_ip_maps_fp32_output_accumulate_aggregate(base_pipe, tmp_path):
     mean_1 = mean.ip_maps[layer][1]
     assert mean_1.shape == (B, 16, 16)
     assert rel_err(mean_1[..., [3, 9]], (steps[0] + steps[1]) / 2) <= 1e-6
-    with pytest.raises(Exception, match="no maps of text tokens"):
+    with pytest.raises(NoCallError, match="no maps of text tokens"):
         mean.maps
     heat = rec.aggregate(res=4, step=1, adapter=1)  # the 4x4 layers, call 1
     layers4 = [n for n, g in rec.grids.items() if g == (4, 4)]
@@ -167,6 +167,18 @@ def test_ip_maps_fp32_output_accumulate_aggregate(base_pipe, tmp_path):
     assert (tmp_path / "ip.png").exists() and grid.size[0] > 0
     with pytest.raises(ValueError, match="adapter=0: no image-prompt maps"):
         rec.aggregate(res=4, adapter=0)
+
+    # gradient checkpointing, backward after the block: the maps are differentiable and the
+    # recompute records nothing a second time
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    embeds = [e.clone().requires_grad_(True) for e in calls[0][3]["image_embeds"]]
+    with ctl.capture(None, ip_tokens={0: [1, 2]}) as grad_rec:
+        out = run(unet, (*calls[0][:3], {"image_embeds": embeds}))
+    kept = {n: m[0] for n, m in grad_rec.ip_maps.items()}
+    (out.square().mean() + sum(m.square().sum() for m in kept.values())).backward()
+    assert grad_rec.num_calls == 1 and all(grad_rec.ip_maps[n][0] is m for n, m in kept.items())
+    assert embeds[0].grad.abs().sum() > 0 and embeds[1].grad.abs().sum() > 0
     ctl.uninstall()
 
 
