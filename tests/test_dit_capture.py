@@ -173,3 +173,41 @@ def test_public_cross_attention_layers_on_every_family(family, count, kinds):
     ctl.uninstall()
     with pytest.raises(ValueError, match="supports UNet2DConditionModel"):
         cross_attention_layers(torch.nn.Linear(2, 2))
+
+
+def _dit_ip_processor(family, module):
+    """diffusers' IP-Adapter processor of ``family`` for the attention ``module`` (what
+    ``load_ip_adapter`` puts on a double-stream / joint layer)."""
+    inner = module.to_q.out_features
+    if family == "flux":
+        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+        return FluxIPAdapterAttnProcessor(inner, 24, num_tokens=(4,))
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
+    return SD3IPAdapterJointAttnProcessor2_0(inner, 24, inner // module.heads, timesteps_emb_dim=16)
+
+
+@pytest.mark.parametrize("family,cls", [("sd3", "SD3IPAdapterJointAttnProcessor2_0"),
+                                        ("flux", "FluxIPAdapterAttnProcessor")])
+def test_dit_ip_adapter_processors_are_refused_by_name(family, cls):
+    """semfid does not stand in for SD3's / Flux's IP-Adapter processors: install() on a model
+    carrying one, and a block whose layers hold one (load_ip_adapter after install), stop with an
+    error naming the layer, the class and what to do; a block on the other layers is accepted."""
+    model = twin(family)
+    name = "transformer_blocks.2.attn"
+    module = model.get_submodule(name)
+    stock = module.processor
+    module.set_processor(_dit_ip_processor(family, module))
+    with pytest.raises(ValueError, match=f"{name}: {cls}.*does not stand in for.*unload_ip_adapter"):
+        install(model)
+    module.set_processor(stock)
+    ctl = install(model)
+    module.set_processor(_dit_ip_processor(family, module))
+    with pytest.raises(RuntimeError, match=f"{name}: {cls}.*unload_ip_adapter"):
+        with ctl.capture([1]):
+            pass
+    with ctl.capture([1], layers=lambda n: n != name):  # (calling it needs the adapter's image embeds)
+        pass
+    ctl.uninstall()
+    assert type(module.processor).__name__ == cls  # someone else's processor stays

@@ -61,6 +61,20 @@ def stands_in_for(processor, replaceable) -> bool:
 _DIT_PROCESSORS = (SemfidJointAttnProcessor, SemfidFluxAttnProcessor)
 
 
+#: diffusers' IP-Adapter processors of the diffusion transformers, which semfid does not stand in for
+DIT_IP_PROCESSORS = ("SD3IPAdapterJointAttnProcessor2_0", "FluxIPAdapterAttnProcessor")
+
+
+def _undo_hint(cls: str) -> str:
+    """What to undo for a processor of class name ``cls`` that semfid cannot stand in for."""
+    if cls in DIT_IP_PROCESSORS:
+        return (f"semfid does not stand in for the SD3 / Flux IP-Adapter processors ({cls}): no maps "
+                "or losses through an IP-Adapter on a diffusion transformer; call unload_ip_adapter() "
+                "(the UNet IP-Adapter, IPAdapterAttnProcessor2_0, is supported).")
+    return ("fuse_qkv_projections, attention slicing, xformers or a custom set_attn_processor ran: undo "
+            "it (unfuse_qkv_projections(), set_attention_slice(None), set_default_attn_processor(), ...).")
+
+
 def refuse_foreign(modules, replaceable, kind: str) -> None:
     """At ``install``: raise if a processor of ``modules`` ({layer name: attention module}) is one
     semfid does not reproduce exactly (``replaceable``: the model family's list; ``kind``: the model
@@ -76,9 +90,20 @@ def refuse_foreign(modules, replaceable, kind: str) -> None:
         raise ValueError(
             f"unet has {len(foreign)} attention processor(s) that semfid cannot stand in for "
             f"(e.g. {name}: {cls}); install() reproduces only {list(replaceable[:-1])} on a "
-            f"{kind} (and IP-Adapter). Call unet.set_default_attn_processor() (or undo xformers / "
-            "fused QKV / attention slicing) first."
+            f"{kind} (and {', '.join(IP_REPLACEABLE[:-1])}). {_undo_hint(cls)} Then install()."
         )
+
+
+def foreign_error(foreign, modules) -> RuntimeError:
+    """At a block: the error for the layers to record (``foreign``: names) whose processor someone
+    replaced by one semfid cannot record through (``modules``: {layer name: attention module})."""
+    name = foreign[0]
+    cls = type(modules[name].processor).__name__
+    return RuntimeError(
+        f"{len(foreign)} layer(s) to record run a processor semfid cannot record through (e.g. "
+        f"{name}: {cls}); no maps or losses would be recorded. {_undo_hint(cls)} The next block puts "
+        "semfid's processors back."
+    )
 
 
 def ownerless(processor) -> bool:
@@ -151,5 +176,5 @@ class PreHook:
         return _no_hook
 
 
-__all__ = ["IP_REPLACEABLE", "adopt_ip", "stands_in_for", "refuse_foreign", "ownerless",
-           "stock_equivalent", "register_with_diffusers", "PreHook"]
+__all__ = ["IP_REPLACEABLE", "DIT_IP_PROCESSORS", "adopt_ip", "stands_in_for", "refuse_foreign",
+           "foreign_error", "ownerless", "stock_equivalent", "register_with_diffusers", "PreHook"]

@@ -48,8 +48,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._inputs import TokensLike
-from .adoption import (PreHook, adopt_ip, ownerless, refuse_foreign, register_with_diffusers,
-                       stands_in_for, stock_equivalent)
+from .adoption import (PreHook, adopt_ip, foreign_error, ownerless, refuse_foreign,
+                       register_with_diffusers, stands_in_for, stock_equivalent)
 from .blocks import capture_block, subject_loss_block, values_block
 from .families import detect_family, processor_modules
 from .forward_args import ForwardArgs
@@ -166,14 +166,7 @@ class SemfidController:
             elif n in names:
                 foreign.append(n)
         if foreign:
-            n = foreign[0]
-            raise RuntimeError(
-                f"{len(foreign)} layer(s) to record run a processor semfid cannot record through (e.g. "
-                f"{n}: {type(self._modules[n].processor).__name__}): fuse_qkv_projections, attention "
-                "slicing, xformers or a custom set_attn_processor ran. No maps or losses would be "
-                "recorded: undo it (unfuse_qkv_projections(), set_attention_slice(None), "
-                "set_default_attn_processor(), ...) and the next block puts semfid's processors back."
-            )
+            raise foreign_error(foreign, self._modules)
 
     def _detach(self) -> None:
         self._hook.remove()
