@@ -189,7 +189,8 @@ def test_ip_tokens_errors(base_pipe):
     for bad, err, msg in [(1.5, TypeError, "ip_tokens must be"), ("first", ValueError, "'all' or"),
                           ({"0": [1]}, TypeError, "adapter indices"), ({}, ValueError, "empty dict"),
                           ([-1], ValueError, "non-negative"), ({2: "all"}, ValueError, "hold 2 adapter"),
-                          ([[0.5]], TypeError, "integer")]:
+                          ([[0.5]], TypeError, "integer"), (object(), TypeError, "ip_tokens must be"),
+                          ({0: "ALL"}, ValueError, r"ip_tokens\[0\] must be 'all'")]:
         with pytest.raises(err, match=msg):
             ctl.capture([1], ip_tokens=bad)
     with pytest.raises(ValueError, match="tokens must give text-token indices"):
@@ -202,6 +203,9 @@ def test_ip_tokens_errors(base_pipe):
                 run(unet, call)
         with pytest.raises(ValueError, match=r"ip_tokens\[1\] must index the 16 image-prompt"):
             with ctl.capture(None, ip_tokens={0: "all", 1: [16]}):
+                run(unet, call)
+        with pytest.raises(ValueError, match=r"ip_tokens\[1\] has 3 rows but the UNet call has batch 2"):
+            with ctl.capture(None, ip_tokens={1: [[0], [1], [2]]}):
                 run(unet, call)
         with ctl.capture([1]) as rec:
             run(unet, call)

@@ -81,7 +81,7 @@ class IPTokens:
                 raise TypeError(f"ip_tokens keys must be adapter indices (ints >= 0, the order of "
                                 f"load_ip_adapter's weight_name list), got {bad[0]!r}")
             return cls(None, tuple((a, _parse_one(t, f"ip_tokens[{a}]")) for a, t in sorted(ip_tokens.items())))
-        if ip_tokens is None or isinstance(ip_tokens, (float, bool)):
+        if isinstance(ip_tokens, bool) or not isinstance(ip_tokens, (str, int, list, tuple, Tensor, TokenSelection)):
             raise TypeError(f"ip_tokens must be 'all', image-prompt token positions or a dict "
                             f"{{adapter index: 'all' | positions}}, got {ip_tokens!r}")
         return cls(_parse_one(ip_tokens, "ip_tokens"))
