@@ -19,9 +19,14 @@
   out' = [out, A] and lse with dO' = [dO, G] (no forward recompute), at the widths it runs: on
   CPU q, k and the values padded to D + S (PyTorch's fused CPU kernel wants equal head dims), on
   CUDA the values padded to a multiple of 8 (the memory-efficient kernel; unverified on a GPU).
-  Their bytes are a *lower bound*: each tensor of each kernel call read or written once; the
-  element-wise glue around the calls (casts, padding and concatenation copies, combining the two
-  partial outputs) is not counted (``attn_launches.LaunchCounter`` observes it).
+  The torch backend's CPU row runs the same forward and a backward at the head dim D: the maps'
+  gradient G enters as the row term c = rowsum(G ⊙ A) (carried in the out the kernel is given)
+  plus two [Nm, S] products on the selected columns (``joint._sparse_map_backward``: the fused
+  CPU kernel at D + S costs ~12 % more than at D, on CPU compute counts, not bytes). Their
+  bytes are a *lower bound*: each
+  tensor of each kernel call read or written once; the element-wise glue around the calls (casts,
+  copies, combining the two partial outputs) is not counted (``attn_launches.LaunchCounter``
+  observes it).
 
     python benchmarks/attn_dit_tables.py
 """
@@ -162,16 +167,19 @@ def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int =
     aug = 4 * N * M * S * H  # dP and dV with S extra value columns
     explicit_pass = N * M * H * e
 
-    def sdpa_row(wq: int, wv: int) -> Dict[str, float]:
+    def backend_row(wq: int, wv: int, sparse: bool) -> Dict[str, float]:
         fwd, bwd = sdpa_forward(N, M, D, H, e), sdpa_backward(N, M, H, e, wq, wv)
-        return {"flops": fwd["flops"] + bwd["flops"] + small_f,
-                "bytes": fwd["bytes"] + bwd["bytes"] + small_b}
+        # CPU: dq += (A⊙G) k_sel, dk_sel += (A⊙G)ᵀ q over the map rows (q read, dq's rows updated)
+        extra_f, extra_b = (4 * Nm * S * D * H, 2 * Nm * D * H * e) if sparse else (0, 0)
+        return {"flops": fwd["flops"] + bwd["flops"] + small_f + extra_f,
+                "bytes": fwd["bytes"] + bwd["bytes"] + small_b + extra_b}
 
     return {
         "plain attention (FA2)": {"flops": plain_f, "bytes": plain_b},
         "semfid subject op (design)": {"flops": plain_f + aug + small_f, "bytes": plain_b + small_b},
-        "semfid sdpa backend, CPU": sdpa_row(D + S, D + S),
-        "semfid sdpa backend, CUDA (unverified)": sdpa_row(-(-D // 8) * 8, -(-(D + S) // 8) * 8),
+        "semfid sdpa backend, CPU": backend_row(D + S, D + S, False),
+        "semfid sdpa backend, CUDA (unverified)": backend_row(-(-D // 8) * 8, -(-(D + S) // 8) * 8, False),
+        "semfid torch backend, CPU": backend_row(D, D, True),
         "two SDPA calls, augmented values": {
             "flops": plain_f + aug + 2 * Nm * (M - T + R) * (D + S) * H,  # + the reference call
             "bytes": plain_b + (Nm * D * H * e + (M - T + R) * D * H * e)},
@@ -184,7 +192,7 @@ def modelled_table() -> List[str]:
     rows = modelled()
     base = rows["plain attention (FA2)"]
     lines = ["Modelled forward + backward, Flux 1024-px layer (B = 1, bf16 tensors): matmul FLOPs "
-             "and compulsory bytes (sdpa rows: its kernel calls' tensors once each, a lower bound)", "", "| | GFLOP | × plain | GB | × plain |", "|---|---|---|---|---|"]
+             "and compulsory bytes (backend rows: their kernel calls' tensors once each, a lower bound)", "", "| | GFLOP | × plain | GB | × plain |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['flops'] / 1e9:.0f} | {r['flops'] / base['flops']:.3f} | "
                      f"{r['bytes'] / 1e9:.3f} | {r['bytes'] / base['bytes']:.2f} |")

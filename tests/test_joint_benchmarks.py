@@ -65,6 +65,7 @@ def test_modelled_cost_within_target():
     for name in ("semfid sdpa backend, CPU", "semfid sdpa backend, CUDA (unverified)"):
         row = rows[name]  # the backward fed the saved out and lse: no forward recompute
         assert row["flops"] <= 1.25 * plain["flops"] and row["bytes"] <= 1.25 * plain["bytes"], name
+    assert rows["semfid torch backend, CPU"]["flops"] < rows["semfid sdpa backend, CPU"]["flops"]
 
 
 class _BytesPerKernel(attn_launches.Observation):
@@ -90,23 +91,25 @@ def _observe(call) -> _BytesPerKernel:
 def test_sdpa_rows_model_the_kernel_calls_that_run():
     """The sdpa backend's modelled kernel calls are the ones a CPU run launches on a small Flux
     layout (keys [text, image], detached reference, S tokens, bf16): two fused forward calls, one
-    fused backward at width D + S fed the saved out and lse, no forward call in backward; the
-    bytes of their tensors are the model's."""
+    fused backward fed the saved out and lse, at width D + S (sdpa: the maps as value columns) or
+    D (torch: the maps' term as a row term), no forward call in backward; the bytes of their
+    tensors are the model's."""
     H, D, T, image, S, dtype = 2, 16, 6, 21, 3, torch.bfloat16
     N = T + image
-    q, k, v = (torch.randn(1, N, H * D, dtype=dtype).view(1, N, H, D).transpose(1, 2)
-               .requires_grad_() for _ in range(3))
-    k_ref = torch.randn(1, H, 5, D, dtype=dtype)
-    result = []
-    fwd = _observe(lambda: result.extend(semfid.subject_attention(
-        q, k, v, k_ref, tokens=list(range(1, 1 + S)), map_queries=(T, N), ref_segment=(0, T),
-        backend="sdpa")))
-    out, loss = result
-    bwd = _observe(lambda: torch.autograd.backward([out, loss], [torch.randn_like(out), torch.ones(1)]))
+    for backend, width in (("sdpa", D + S), ("torch", D)):
+        q, k, v = (torch.randn(1, N, H * D, dtype=dtype).view(1, N, H, D).transpose(1, 2)
+                   .requires_grad_() for _ in range(3))
+        k_ref = torch.randn(1, H, 5, D, dtype=dtype)
+        result = []
+        fwd = _observe(lambda: result.extend(semfid.subject_attention(
+            q, k, v, k_ref, tokens=list(range(1, 1 + S)), map_queries=(T, N), ref_segment=(0, T),
+            backend=backend)))
+        out, loss = result
+        bwd = _observe(lambda: torch.autograd.backward([out, loss], [torch.randn_like(out), torch.ones(1)]))
 
-    kernel = "aten._scaled_dot_product_flash_attention_for_cpu"
-    assert (fwd.kernels[kernel], fwd.kernels[kernel + "_backward"]) == (2, 0)
-    assert (bwd.kernels[kernel], bwd.kernels[kernel + "_backward"]) == (0, 1)
-    assert fwd.by_kernel[kernel] == attn_dit_tables.sdpa_forward(N, N, D, H, 2)["bytes"]
-    want = attn_dit_tables.sdpa_backward(N, N, H, 2, D + S, D + S)["bytes"]
-    assert bwd.by_kernel[kernel + "_backward"] == want
+        kernel = "aten._scaled_dot_product_flash_attention_for_cpu"
+        assert (fwd.kernels[kernel], fwd.kernels[kernel + "_backward"]) == (2, 0), backend
+        assert (bwd.kernels[kernel], bwd.kernels[kernel + "_backward"]) == (0, 1), backend
+        assert fwd.by_kernel[kernel] == attn_dit_tables.sdpa_forward(N, N, D, H, 2)["bytes"]
+        want = attn_dit_tables.sdpa_backward(N, N, H, 2, width, width)["bytes"]
+        assert bwd.by_kernel[kernel + "_backward"] == want, backend

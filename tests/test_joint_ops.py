@@ -198,6 +198,50 @@ def test_empty_map_range_and_fully_masked_rows(path, monkeypatch):
         torch.testing.assert_close(g, r)
 
 
+def test_backward_row_term_matches_the_loop_and_declines_zero_rows():
+    """The backward without the maps' value columns (joint._sparse_map_backward): the fused CPU
+    kernel with the extra row term carried in ``out`` equals the PyTorch loop's exact version in
+    float64 (odd sizes, one -inf key); a row with dout = 0 and a nonzero extra term is declined."""
+    from semfid.backends.primitives import Blocked, FusedCpu
+
+    B, H, N, M, D = 2, 3, 19, 23, 12
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64) for n in (N, M, M))
+    bias = torch.zeros(B, H, M, dtype=torch.float64)
+    bias[0, :, 5] = float("-inf")
+    out, lse = Blocked.attend(q, k, v, bias, 0.3)
+    dout, extra = torch.randn_like(out), torch.randn(B, H, N, dtype=torch.float64)
+    got = FusedCpu.attend_backward_delta(q, k, v, bias, 0.3, out, lse, dout, extra)
+    want = Blocked.attend_backward_delta(q, k, v, bias, 0.3, out, lse, dout, extra)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-10, atol=1e-10)
+    dout[1, 2, 4] = 0
+    assert FusedCpu.attend_backward_delta(q, k, v, bias, 0.3, out, lse, dout, extra) is None
+    extra[1, 2, 4] = 0
+    assert FusedCpu.attend_backward_delta(q, k, v, bias, 0.3, out, lse, dout, extra) is not None
+
+
+@pytest.mark.parametrize("path", ["torch", "torch-blocked", "sdpa"])
+def test_zero_out_gradient_rows_match_reference(path, monkeypatch):
+    """Map rows whose out gradient is exactly 0 (the fused CPU path then widens the values
+    instead) and a dout-free call give the reference's gradients."""
+    backend = _run_path(path, monkeypatch)
+    q, k, v, k_ref, bias = _inputs(FLUX, torch.float64)
+    kw = dict(tokens=list(FLUX.tokens), ref_tokens=list(FLUX.ref_tokens), attn_bias=bias,
+              map_queries=FLUX.map_queries, ref_segment=FLUX.ref_segment, detach_reference=False)
+    dout = torch.randn_like(q)
+    dout[:, :, 9:12] = 0  # map queries
+    for with_dout in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, k_ref)]
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, k_ref)]
+        got = semfid.subject_attention(*leaves, backend=backend, **kw)
+        ref = subject_ref(*ref_leaves, **kw)
+        cots = ([dout] if with_dout else []) + [torch.ones(1, dtype=torch.float64)]
+        g = _grads(list(got[2 - len(cots):]), leaves, cots)
+        r = _grads(list(ref[2 - len(cots):]), ref_leaves, cots)
+        for name, a, b in zip(("dq", "dk", "dv", "dk_ref"), g, r):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name} [{path}]: {m}")
+
+
 def _layer(B: int, N: int, H: int, D: int, dtype=torch.float32):
     """q, k, v as diffusers hands them over: [B, N, H, D] memory seen as [B, H, N, D]."""
     return [torch.randn(B, N, H, D, dtype=dtype).transpose(1, 2) for _ in range(3)]

@@ -196,6 +196,10 @@ def _augmented_backward(kern, inp, keys, bias, v, out, lse, dout, columns, a, g)
     a / g per head over the map rows, or None when there is no map gradient."""
     q = inp.q
     N = q.shape[2]
+    if v is not None and dout is not None and g is not None:
+        got = _sparse_map_backward(kern, inp, keys, bias, v, out, lse, dout, columns, a, g)
+        if got is not None:
+            return got
     vv, o, do = [], [], []
     if v is not None and dout is not None:
         vv, o, do = [v], [out], [dout]
@@ -207,6 +211,33 @@ def _augmented_backward(kern, inp, keys, bias, v, out, lse, dout, columns, a, g)
         return None, None, None
     cat = (lambda ts: ts[0] if len(ts) == 1 else torch.cat([t.to(ts[0].dtype) for t in ts], dim=-1))
     return kern.attend_backward(q, keys, cat(vv), bias, inp.scale, cat(o), lse, cat(do))
+
+
+def _sparse_map_backward(kern, inp, keys, bias, v, out, lse, dout, columns, a, g):
+    """The same backward without the S extra value columns, where the primitive takes an extra
+    row term ``c`` (``kern.attend_backward_delta``; None otherwise, or when it declines).
+
+    With ``dout' = [dO, G]``, ``dS = P ⊙ (dO vᵀ + G E_colsᵀ − rowsum(dout' ⊙ out'))``. The row
+    term is ``rowsum(dO ⊙ out) + c`` with ``c_i = Σ_s G_is A_is``, so one attention backward of
+    (v, dO) with c added does all of dS but ``P ⊙ G E_colsᵀ``, which is nonzero on the selected
+    columns only (``A ⊙ G``, [Nm, S]): dq += scale (A⊙G) k_cols, dk[cols] += scale (A⊙G)ᵀ q."""
+    backward = getattr(kern, "attend_backward_delta", None)
+    if backward is None:
+        return None
+    q, rows, acc = inp.q, _rows(inp), accumulation_dtype(inp.dtype)
+    ag = a.to(acc) * g.to(acc)  # [B, H, Nm, S]
+    c = q.new_zeros(q.shape[:3], dtype=acc)
+    c[:, :, rows] = ag.sum(dim=-1)
+    got = backward(q, keys, v, bias, inp.scale, out, lse, dout, c)
+    if got is None:
+        return None
+    dq, dk, dv = got  # fresh tensors of the kernel's dtype: the two terms go in in place
+    ag = ag.to(dq.dtype)
+    B, H, S = ag.shape[0], ag.shape[1], ag.shape[3]
+    dq[:, :, rows] += torch.matmul(ag, _gather_keys(keys, columns).to(dq.dtype)).mul_(inp.scale)
+    dk_cols = torch.matmul(ag.transpose(-1, -2), q[:, :, rows].to(dk.dtype)).mul_(inp.scale)
+    dk.scatter_add_(2, columns[:, None, :, None].expand(B, H, S, dk.shape[-1]), dk_cols)
+    return dq, dk, dv
 
 
 def xattn_backward(kern, inp: XattnInputs, out, lse, dout, dmaps):

@@ -22,6 +22,9 @@ Three implementations of one interface (``attend`` / ``attend_backward``, shapes
     dtype or q's: the attention backward of ``out = P vv`` with the given ``out`` / ``lse``
     (``rowsum(dout ⊙ out)`` is the softmax backward's row term, so augmented values work: see
     :mod:`semfid.backends.joint`). Rows with lse = +inf must have dout = 0.
+``attend_backward_delta(q, k, v, bias, scale, out, lse, dout, extra)``: the same with ``extra``
+    [B, H, N] added to that row term (how joint drops the maps' value columns), or None where the
+    implementation declines (then joint widens the values).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 from .._inputs import accumulation_dtype
 from .sdpa import attend as sdpa_attend
-from .sdpa_backward import cpu_backward, saved_backward
+from .sdpa_backward import cpu_backward, cpu_backward_delta, saved_backward
 
 Tensor = torch.Tensor
 Result = Tuple[Tensor, Tensor]
@@ -99,6 +102,12 @@ class Blocked:
     @staticmethod
     def attend_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
                         out: Tensor, lse: Tensor, dout: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return Blocked.attend_backward_delta(q, k, vv, bias, scale, out, lse, dout, None)
+
+    @staticmethod
+    def attend_backward_delta(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
+                              out: Tensor, lse: Tensor, dout: Tensor, extra: Optional[Tensor]
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
         acc = accumulation_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -106,6 +115,8 @@ class Blocked:
         if k.shape[2] == 0:
             return dq, dk, dvv
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # rowsum(P ⊙ dP)
+        if extra is not None:
+            delta = delta + extra.to(acc)
         rows_per, cols_per = Blocked._sizes(q, k)
         for rows in _blocks(q.shape[2], rows_per):
             qc = q[:, :, rows].to(acc) * scale
@@ -144,9 +155,20 @@ class FusedCpu:
         return cpu_backward(q, k, vv, bias, scale, out, lse, dout)
 
 
+    @staticmethod
+    def attend_backward_delta(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+                              out: Tensor, lse: Tensor, dout: Tensor, extra: Tensor
+                              ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        if k.shape[2] == 0 or q.shape[2] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return cpu_backward_delta(q, k, v, bias, scale, out, lse, dout, extra)
+
+
 class SdpaFused:
     """The ``sdpa`` backend's forward; backward by PyTorch's fused kernels from the saved out and
-    lse (:func:`semfid.backends.sdpa_backward.saved_backward`)."""
+    lse (:func:`semfid.backends.sdpa_backward.saved_backward`). No ``attend_backward_delta``: the
+    backward always widens the values (the augmented-value identity), on CPU as on CUDA, so the
+    CPU tests run the math a GPU runs."""
 
     attend = staticmethod(fused_attend)
     attend_backward = staticmethod(saved_backward)

@@ -52,6 +52,26 @@ def cpu_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dvv[..., :width]
 
 
+def cpu_backward_delta(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+                       out: Tensor, lse: Tensor, dout: Tensor, extra: Tensor) -> Optional[Grads]:
+    """:func:`cpu_backward` with ``extra`` [B, H, N] added to the softmax backward's row term
+    ``rowsum(dout ⊙ out)``: the fused kernel reads ``out`` for that term only, so ``out`` is
+    passed with ``extra_i / dout[i, m_i]`` added at each row's largest |dout| entry m_i (the
+    product's rounding error stays at eps·(|dout·out| + |extra|)). None when a row with
+    ``extra != 0`` has ``dout = 0`` (the caller then widens the values instead)."""
+    dt = q.dtype
+    d = dout.to(dt)
+    pivot_at = d.abs().argmax(dim=-1, keepdim=True)
+    pivot = d.gather(-1, pivot_at)
+    zero = pivot == 0
+    if bool((zero & (extra[..., None] != 0)).any()):
+        return None
+    shift = (extra[..., None] / pivot.masked_fill(zero, 1.0).to(extra.dtype)).to(dt)
+    out_mod = out.to(dt, memory_format=torch.contiguous_format, copy=True)
+    out_mod.scatter_add_(-1, pivot_at, shift)
+    return cpu_backward(q, k, v, bias, scale, out_mod, lse, d)
+
+
 def cuda_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
                   out: Tensor, lse: Tensor, dout: Tensor) -> Grads:
     """PyTorch's memory-efficient CUDA backward from the saved out and lse (unverified: gated by
@@ -138,5 +158,5 @@ def saved_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], sca
     return backward_kernel(q.device, q.dtype)(q, k, vv, bias, scale, out, lse, dout)
 
 
-__all__ = ["VERDICTS", "backward_kernel", "cpu_backward", "cuda_backward", "recompute_backward", "saved_backward",
+__all__ = ["VERDICTS", "backward_kernel", "cpu_backward", "cpu_backward_delta", "cuda_backward", "recompute_backward", "saved_backward",
            "self_check", "uses_saved_lse"]
