@@ -103,11 +103,12 @@ def recompute_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
 def self_check(device: torch.device, dtype: torch.dtype,
                backward: Backward = cuda_backward) -> Optional[str]:
     """None when ``backward`` gives the recompute's gradients on a tiny random problem (odd
-    sizes, value width != head dim, one -inf key) on ``device`` / ``dtype``; else the reason."""
+    sizes, value width != head dim, one -inf key, q and k in diffusers' [B, N, H, D] memory as
+    the processors hand them over) on ``device`` / ``dtype``; else the reason."""
     gen = torch.Generator().manual_seed(0)
     B, H, N, M, D, W = 1, 2, 37, 45, 24, 29
-    q, k, vv, dout = (torch.randn(*s, generator=gen).to(device, dtype)
-                      for s in ((B, H, N, D), (B, H, M, D), (B, H, M, W), (B, H, N, W)))
+    q, k = (torch.randn(B, n, H, D, generator=gen).to(device, dtype).transpose(1, 2) for n in (N, M))
+    vv, dout = (torch.randn(*s, generator=gen).to(device, dtype) for s in ((B, H, M, W), (B, H, N, W)))
     bias = torch.zeros(B, H, M, device=device)
     bias[..., -3] = float("-inf")
     try:
