@@ -162,7 +162,9 @@ def attend(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
         lse = lse.masked_fill(keep[..., 0] == 0, float("inf"))
     if q.device.type == "cpu":  # the fused CPU kernel zeroes NaN rows: keep them NaN
         bad = nan_rows(q, k)
-        out = out.masked_fill(bad, float("nan"))
+        # in place on the kernel's fresh output, unless autograd records (the recompute fallback)
+        nan = float("nan")
+        out = out.masked_fill(bad, nan) if out.requires_grad else out.masked_fill_(bad, nan)
         lse = lse.masked_fill(bad[..., 0], float("nan"))
     return out, lse
 
@@ -193,9 +195,13 @@ def out_layout(o: Tensor) -> Tensor:
 
 
 def like(t: Tensor, grad: Optional[Tensor]) -> Tensor:
-    """``grad`` copied into ``empty_like(t)`` (same strides as the input), zeros when None."""
+    """``grad`` with the input's dtype and strides (``empty_like(t)``), zeros when None: returned
+    as is when it has them already (PyTorch's fused CPU backward writes diffusers' layout), else
+    copied."""
     if grad is None:
         return torch.zeros_like(t)
+    if grad.dtype == t.dtype and grad.shape == t.shape and grad.stride() == t.stride():
+        return grad
     return torch.empty_like(t).copy_(grad)
 
 

@@ -159,5 +159,5 @@ def saved_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], sca
     return backward_kernel(q.device, q.dtype)(q, k, vv, bias, scale, out, lse, dout)
 
 
-__all__ = ["VERDICTS", "backward_kernel", "cpu_backward", "cpu_backward_delta", "cuda_backward", "recompute_backward", "saved_backward",
-           "self_check", "uses_saved_lse"]
+__all__ = ["VERDICTS", "backward_kernel", "cpu_backward", "cpu_backward_delta", "cuda_backward",
+           "recompute_backward", "saved_backward", "self_check", "uses_saved_lse"]
