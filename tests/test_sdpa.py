@@ -399,6 +399,41 @@ def test_cuda_backward_call_matches_the_op_schema():
         assert (dq.shape, dk.shape, dvv.shape) == (q.shape, k.shape, vv.shape)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_saved_lse_backward_on_cuda(dtype):
+    """On a GPU (never run by us): the memory-efficient saved-lse backward passes its self-check
+    and is the one used; the sdpa subject op on a UNet-sized and a Flux-like joint layer (every
+    gradient, reference not detached, per-head maps) meets flash-attention's rule against float64."""
+    from semfid.backends import sdpa_backward as sb
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert sb.self_check(dev, dtype) is None
+    assert sb.backward_kernel(dev, dtype) is sb.cuda_backward
+    B, H, N, D = 1, 3, 45, 40
+    for M, joint in ((77, {}), (51, dict(map_queries=(7, N), ref_segment=(0, 7)))):
+        q, k, v = (torch.randn(B, n, H, D).transpose(1, 2) for n in (N, M, M))
+        k_ref = torch.randn(B, H, 9, D)
+        kw = dict(tokens=[1, 3], ref_tokens=[2, 4], detach_reference=False, head_reduce="none",
+                  return_maps=True, **joint)
+        leaves = [_leaf(t.to(dev, dtype)) for t in (q, k, v, k_ref)]
+        got = semfid.subject_attention(*leaves, backend="sdpa", **kw)
+        ins64 = [_leaf(t.double()) for t in (q, k, v, k_ref)]
+        insp = [_leaf(t.to(dev, dtype)) for t in (q, k, v, k_ref)]
+        ref, plain = subject_ref(*ins64, **kw), subject_ref(*insp, upcast=False, **kw)
+        upstream = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+        cpu = [g.detach().cpu() for g in got]
+        for name, g, r, p in zip(("out", "loss", "maps"), cpu, ref, plain):
+            assert_close_rule(f"{name} ({dtype}, {M} keys)", g, r, p.detach().cpu(), atol=_atol(r))
+        g_got = [g.cpu() for g in _grads(got, [u.to(dev) for u in upstream], leaves)]
+        g_ref = _grads(ref, upstream, ins64)
+        g_plain = [g.cpu() for g in _grads(plain, [u.to(dev) for u in upstream], insp)]
+        for name, g, r, p in zip(("dq", "dk", "dv", "dk_ref"), g_got, g_ref, g_plain):
+            assert_close_rule(f"{name} ({dtype}, {M} keys)", g, r, p, factor=GRAD_FACTOR,
+                              atol=_atol(*g_ref))
+
+
 # ------------------------------------------------------------------------------------------------
 # memory and registration
 # ------------------------------------------------------------------------------------------------
