@@ -21,7 +21,10 @@ attention: the reference costs only its own keys. Temporaries of the small produ
 Backward (the augmented-value identity, DESIGN.md §2): with ``vv = [v, E_sel]``,
 ``out' = [out, A]`` and ``dout' = [dO, G]`` the attention backward of ``out' = P vv`` is the
 backward of out and the maps together (``dout' vvᵀ = dP``, ``rowsum(dout' ⊙ out') = rowsum(P ⊙
-dP)``); rows outside the map queries carry G = 0. A detached reference adds nothing else. A
+dP)``); rows outside the map queries carry G = 0. Primitives with ``attend_backward_delta`` (the
+torch backend's) run it without the S extra columns: c = rowsum(G ⊙ A) joins the row term and
+P ⊙ G E_selᵀ, nonzero on the selected columns only, is two [Nm, S] products
+(:func:`_sparse_map_backward`). A detached reference adds nothing else. A
 reference that is not detached adds one attention backward over the reference key sequence
 ``[k_O, k_ref]`` for the map queries, with ``vv = E_ref_tokens``, ``out' = A_r`` and
 ``dout' = G_r``: its gradient reaches q, the outside keys of k and k_ref.
