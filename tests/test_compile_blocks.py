@@ -14,8 +14,8 @@ reused). To fit CI's budget inductor emits scalar C++ kernels (``cpp.vec_isa_ok=
 Dynamo graphs, AOT-autograd partition, lowering of semfid's custom ops, fusion and Python wrapper,
 without the ``at::vec`` SIMD templates that took about half of g++'s time.
 ``SEMFID_COMPILE_TEST_VEC=1`` builds the vectorised kernels: the cold build of the SDXL twin's
-forward + backward alone then took 19 min at load 3-7 on the 2-core VM; the scalar tests of this
-file take 115 s (SD1.5), 178 s (SDXL), 33 s (capture) at load 0.1-1.3.
+forward + backward alone then took 261 s at load 0.4-1.4 on the 2-core VM (1125 s at load 3-7);
+the scalar tests of this file take 115 s (SD1.5), 178 s (SDXL), 33 s (capture) at load 0.1-1.3.
 
 Inductor reorders fp32 sums (fused reductions, recomputed softmax / norm statistics), so compiled
 and eager results differ by a few fp32 roundings per op along the UNet's depth: on the SD1.5 twin
