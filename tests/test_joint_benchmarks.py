@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 def test_gate_passes_the_implementations_and_refuses_a_wrong_one(monkeypatch):
-    for name in ("semfid", "explicit", "sdpa_two_calls"):
+    for name in ("semfid", "explicit", "sdpa_two_calls", "sdpa_floor"):
         assert attn_dit.check(name, CPU, torch.float32) is None, name
 
     def reference_without_segment(x):  # A_r over k_ref alone: the UNet meaning, wrong here
@@ -34,6 +34,13 @@ def test_gate_passes_the_implementations_and_refuses_a_wrong_one(monkeypatch):
     monkeypatch.setitem(attn_dit.IMPLEMENTATIONS, "wrong", reference_without_segment)
     reason = attn_dit.check("wrong", CPU, torch.float32)
     assert reason is not None and "loss" in reason
+
+    def floor_without_scale(x):  # out-only rows are checked too: a wrong softmax scale fails
+        return attn_dit.sdpa_floor(attn_dit.DitInputs(**{**vars(x), "scale": 2 * x.scale}))
+
+    monkeypatch.setitem(attn_dit.IMPLEMENTATIONS, "wrong_floor", floor_without_scale)
+    reason = attn_dit.check("wrong_floor", CPU, torch.float32)
+    assert reason is not None and "out" in reason
 
 
 def test_dit_inputs_are_the_joint_layouts():
