@@ -63,6 +63,20 @@ def test_nan_input_propagates_without_crashing(backend):
     assert torch.isnan(q.grad[0, 0, 2]).any()
 
 
+def test_nan_screen_skips_only_nan_free_inputs():
+    """The sdpa path's NaN screen (one sum per tensor) lets through only inputs without NaN: an
+    inf, or a sum that overflows, goes to the exact row check."""
+    from semfid.backends.base import may_hold_nan
+
+    x = torch.randn(2, 3, 5, 4)
+    assert not may_hold_nan(x, x.transpose(1, 2))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2, 3, 1] = bad
+        assert may_hold_nan(x, y)
+    assert may_hold_nan(torch.full((4, 4), 60000.0, dtype=torch.float16))  # finite, sum overflows
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_any_strides(backend):
     """q from a [B, N, H, D] projection (diffusers' layout), k/v transposed and sliced."""

@@ -117,6 +117,12 @@ def empty_forward_outputs(
     return empty_output(q, v), empty_lse(q), maps
 
 
+def may_hold_nan(*tensors: Tensor) -> bool:
+    """False when none of ``tensors`` holds a NaN, told by one sum each (a NaN makes the sum NaN);
+    True when a sum is not finite: a NaN, or an inf / overflow, where :func:`nan_rows` decides."""
+    return not all(bool(torch.isfinite(t.detach().sum())) for t in tensors)
+
+
 def nan_rows(q: Tensor, k: Tensor) -> Tensor:
     """[B, H, N, 1] bool: rows whose logits are NaN (a NaN in the query row or in any key).
 

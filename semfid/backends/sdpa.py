@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .._inputs import accumulation_dtype
-from .base import nan_rows
+from .base import may_hold_nan, nan_rows
 
 Tensor = torch.Tensor
 
@@ -160,8 +160,8 @@ def attend(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor],
     if keep is not None:
         out = out * keep
         lse = lse.masked_fill(keep[..., 0] == 0, float("inf"))
-    if q.device.type == "cpu":  # the fused CPU kernel zeroes NaN rows: keep them NaN
-        bad = nan_rows(q, k)
+    if q.device.type == "cpu" and may_hold_nan(q, k):  # the fused CPU kernel zeroes NaN rows:
+        bad = nan_rows(q, k)                            # keep them NaN
         # in place on the kernel's fresh output, unless autograd records (the recompute fallback)
         nan = float("nan")
         out = out.masked_fill(bad, nan) if out.requires_grad else out.masked_fill_(bad, nan)
