@@ -16,7 +16,7 @@ from typing import List
 
 from .build_config import _say, build_mode
 
-SOURCES = ["csrc/cpu/subject_core.cpp", "csrc/cpu/subject_small.cpp"]
+SOURCES = ["csrc/cpu/subject_core.cpp", "csrc/cpu/subject_small.cpp", "csrc/cpu/row_exp.cpp"]
 NAME = "semfid._cpu_ops"
 
 

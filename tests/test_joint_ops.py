@@ -23,8 +23,9 @@ from semfid.testing import assert_close_rule, attention_ref, subject_ref, ulp_at
 from conftest import backends_under_test
 
 # "torch-blocked": the torch backend's online softmax in PyTorch (what CUDA tensors run), forced
-# on CPU tensors; "torch" on CPU runs PyTorch's fused CPU flash kernels under the same math.
-PATHS = backends_under_test() + ["torch-blocked"]
+# on CPU tensors; "torch" on CPU runs float32 through semfid.backends.gemm_attention and other
+# dtypes through PyTorch's fused CPU flash kernels; "torch-fused": those kernels for float32 too.
+PATHS = backends_under_test() + ["torch-blocked", "torch-fused"]
 GRAD_FACTOR = 3.0
 
 
@@ -75,6 +76,9 @@ def _inputs(lay: Layout, dtype: torch.dtype):
 def _run_path(path: str, monkeypatch) -> str:
     if path == "torch-blocked":
         monkeypatch.setattr(torch_backend, "USE_FUSED_CPU", False)
+        return "torch"
+    if path == "torch-fused":
+        monkeypatch.setattr(torch_backend, "USE_GEMM_CPU", False)
         return "torch"
     return path
 

@@ -15,6 +15,7 @@
 
 #include <torch/extension.h>
 
+#include "row_exp.h"
 #include "subject_small.h"
 
 #include <algorithm>
@@ -470,4 +471,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(q, k, v, k_ref, tokens, small_work): whether a layer runs in subject_small.cpp");
   m.def("subject_attention", &subject_attention,
         "(out, loss, maps), differentiable: forward and backward both run in C++");
+  m.def("softmax_rows_", &semfid_cpu::softmax_rows_,
+        "(s [R, M], bias [M] or None) -> (lse, inv_sum): s <- exp(s + bias - rowmax), row_exp.h");
+  m.def("exp_rows_cols_", &semfid_cpu::exp_rows_cols_,
+        "(s [C, N], row_bias [C] or None, col_sub [N]): s <- exp(s + row_bias - col_sub)");
+  m.def("softmax_grad_cols_", &semfid_cpu::softmax_grad_cols_,
+        "(dp [C, N], p [C, N], col_delta [N]): dp <- p * (dp - col_delta)");
 }

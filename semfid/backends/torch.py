@@ -8,9 +8,11 @@ so half-precision inputs get fp32 softmax and accumulation.
 
 Long and joint key sets (more than ``LONG_KEYS`` keys, or ``map_queries`` / ``ref_segment``
 other than the full ranges) run :mod:`semfid.backends.joint` (the split lse, maps from lse), whose
-attention is blocked over queries *and* keys: PyTorch's fused CPU flash-attention kernels on CPU
-tensors in eager mode, else the online softmax in PyTorch (:class:`~.primitives.Blocked`: logit
-blocks of at most ``primitives.BLOCK_ELEMENTS`` elements, 2 MiB in fp32).
+attention is blocked over queries *and* keys: on CPU tensors in eager mode whole-row products
+through oneDNN and the C++ core's row kernels for float32 (:mod:`semfid.backends.gemm_attention`)
+and PyTorch's fused CPU flash-attention kernels for other dtypes, else the online softmax in
+PyTorch (:class:`~.primitives.Blocked`: logit blocks of at most ``primitives.BLOCK_ELEMENTS``
+elements, 2 MiB in fp32).
 
 The subject op runs both key sets through the same ops: ``[k, k_ref]`` is one key tensor of
 2·M' keys (M' = max(M, M_ref); the shorter set is padded with keys masked by -inf), so one matmul
@@ -44,6 +46,8 @@ from .base import (
     empty_subject_grads,
     empty_subject_outputs,
 )
+from . import gemm_attention
+from .gemm_attention import GemmCpu
 from .primitives import Blocked, FusedCpu
 from .torch_subject_keys import _SubjectKeys
 from .torch_xattn import (
@@ -74,6 +78,9 @@ _SMALL_WORK = 1 << 21
 LONG_KEYS = 1024
 # Tests set this to False to run the joint path's PyTorch online softmax on CPU tensors too.
 USE_FUSED_CPU = True
+# Tests set this to False to run float32 CPU tensors through PyTorch's fused kernels instead of
+# semfid.backends.gemm_attention.
+USE_GEMM_CPU = True
 
 
 def _chunk_rows(B: int, H: int, M: int) -> int:
@@ -88,7 +95,7 @@ def _joint(inp: Union[XattnInputs, SubjectInputs]) -> bool:
 def _kernels(q: Tensor):
     """The attention primitives of the joint path for q's device (module docstring)."""
     if q.device.type == "cpu" and USE_FUSED_CPU and not torch.compiler.is_compiling():
-        return FusedCpu
+        return GemmCpu if USE_GEMM_CPU and gemm_attention.applies(q) else FusedCpu
     return Blocked
 
 
