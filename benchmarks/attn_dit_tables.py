@@ -26,7 +26,11 @@
   bytes are a *lower bound*: each
   tensor of each kernel call read or written once; the element-wise glue around the calls (casts,
   copies, combining the two partial outputs) is not counted (``attn_launches.LaunchCounter``
-  observes it).
+  observes it). The torch backend on float32 CPU tensors runs whole-row products instead
+  (:mod:`semfid.backends.gemm_attention`): the same FLOPs as the fused calls, its per-(batch,
+  head) contiguous copies counted, and its logit blocks (4 MiB each, written and read by the
+  products and the row kernels: 4 passes forward, 9 backward) given apart under the table: they
+  pass through the CPU's caches, not its DRAM, where the L3 holds a block.
 
     python benchmarks/attn_dit_tables.py
 """
@@ -167,6 +171,15 @@ def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int =
     aug = 4 * N * M * S * H  # dP and dV with S extra value columns
     explicit_pass = N * M * H * e
 
+    def gemm_cpu_row() -> Dict[str, float]:
+        """The torch backend's float32 CPU path: the fused rows' FLOPs and tensors, plus the
+        per-(b, h) copies (fp32, written and read): forward q·scale, k, vᵀ per attend call;
+        backward q·scale and its transpose, dO and its transpose, k and v by key blocks."""
+        row = backend_row(D, D, True)
+        copies = 2 * 4 * H * (2 * (N * D + M * D + M * D) + 4 * N * D + 2 * M * D)
+        return {"flops": row["flops"], "bytes": row["bytes"] + copies,
+                "blocks": 4 * (4 + 9) * N * M * H}
+
     def backend_row(wq: int, wv: int, sparse: bool) -> Dict[str, float]:
         fwd, bwd = sdpa_forward(N, M, D, H, e), sdpa_backward(N, M, H, e, wq, wv)
         # CPU: dq += (A⊙G) k_sel, dk_sel += (A⊙G)ᵀ q over the map rows (q read, dq's rows updated)
@@ -179,7 +192,8 @@ def modelled(N: int = 4608, Nm: int = 4096, T: int = 512, R: int = 512, D: int =
         "semfid subject op (design)": {"flops": plain_f + aug + small_f, "bytes": plain_b + small_b},
         "semfid sdpa backend, CPU": backend_row(D + S, D + S, False),
         "semfid sdpa backend, CUDA (unverified)": backend_row(-(-D // 8) * 8, -(-(D + S) // 8) * 8, False),
-        "semfid torch backend, CPU": backend_row(D, D, True),
+        "semfid torch backend, CPU fp16/bf16/fp64 (fused kernels)": backend_row(D, D, True),
+        "semfid torch backend, CPU fp32 (GEMM blocks)": gemm_cpu_row(),
         "two SDPA calls, augmented values": {
             "flops": plain_f + aug + 2 * Nm * (M - T + R) * (D + S) * H,  # + the reference call
             "bytes": plain_b + (Nm * D * H * e + (M - T + R) * D * H * e)},
@@ -196,6 +210,11 @@ def modelled_table() -> List[str]:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['flops'] / 1e9:.0f} | {r['flops'] / base['flops']:.3f} | "
                      f"{r['bytes'] / 1e9:.3f} | {r['bytes'] / base['bytes']:.2f} |")
+    for name, r in rows.items():
+        if "blocks" in r:
+            lines.append(f"\n{name}: besides, {r['blocks'] / 1e9:.1f} GB of fp32 logit blocks of at "
+                         "most 4 MiB each, written and read by its products and row kernels "
+                         "(cache traffic where the CPU's L3 holds a block)")
     return lines
 
 

@@ -77,6 +77,11 @@ def versions() -> List[str]:
 
     lines.append(f"C++ CPU core semfid._cpu_ops (the torch backend's subject op on CPU): "
                  f"{_cpu_core.status()}")
+    from semfid.backends import gemm_attention
+
+    reason = gemm_attention.onednn_reason()
+    lines.append("joint-path float32 CPU products (semfid.backends.gemm_attention): "
+                 + ("oneDNN matmul (checked against torch.mm)" if reason is None else f"torch.mm ({reason})"))
     return lines
 
 

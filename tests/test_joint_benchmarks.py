@@ -72,7 +72,11 @@ def test_modelled_cost_within_target():
     for name in ("semfid sdpa backend, CPU", "semfid sdpa backend, CUDA (unverified)"):
         row = rows[name]  # the backward fed the saved out and lse: no forward recompute
         assert row["flops"] <= 1.25 * plain["flops"] and row["bytes"] <= 1.25 * plain["bytes"], name
-    assert rows["semfid torch backend, CPU"]["flops"] < rows["semfid sdpa backend, CPU"]["flops"]
+    fused = rows["semfid torch backend, CPU fp16/bf16/fp64 (fused kernels)"]
+    assert fused["flops"] < rows["semfid sdpa backend, CPU"]["flops"]
+    gemm = rows["semfid torch backend, CPU fp32 (GEMM blocks)"]
+    assert gemm["flops"] == fused["flops"] and gemm["bytes"] > fused["bytes"]
+    assert gemm["blocks"] == 4 * 13 * 4608 * 4608 * 24
 
 
 class _BytesPerKernel(attn_launches.Observation):
