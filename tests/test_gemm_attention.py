@@ -158,16 +158,21 @@ def test_row_kernels_against_torch():
         CORE.exp_rows_cols_(x.clone(), None, col_sub[:5])
 
 
-def test_joint_path_takes_it_for_float32_cpu_only():
-    q = torch.randn(1, 2, 5, 8)
+def test_joint_path_takes_it_for_float32_cpu_with_wide_heads_only():
+    q = torch.randn(1, 2, 5, gemm_attention.MIN_HEAD_DIM)
     assert torch_backend._kernels(q) is GemmCpu
     assert torch_backend._kernels(q.double()) is FusedCpu
     assert torch_backend._kernels(q.bfloat16()) is FusedCpu
+    assert torch_backend._kernels(q[..., :-1]) is FusedCpu
 
 
-def test_subject_op_fp32_matches_reference_with_masked_rows_and_zero_out_gradients():
+def test_subject_op_fp32_matches_reference_with_masked_rows_and_zero_out_gradients(monkeypatch):
     """The joint subject op on the torch backend (fp32 CPU: this primitive) with a batch row whose
     keys are all -inf, map rows whose out gradient is exactly 0 and the reference not detached."""
+    monkeypatch.setattr(gemm_attention, "MIN_HEAD_DIM", 0)
+    calls = []
+    attend = GemmCpu.attend
+    monkeypatch.setattr(GemmCpu, "attend", staticmethod(lambda *a: calls.append(1) or attend(*a)))
     gen = torch.Generator().manual_seed(5)
     Bq, Hq, T, I, Dq = 2, 3, 7, 29, 16
     q, k, v = (torch.randn(Bq, T + I, Hq, Dq, generator=gen).transpose(1, 2) for _ in range(3))
@@ -188,6 +193,7 @@ def test_subject_op_fp32_matches_reference_with_masked_rows_and_zero_out_gradien
         return got, torch.autograd.grad(got, leaves, cot, allow_unused=True)
 
     got, got_grads = run(torch.float32, semfid.subject_attention, backend="torch")
+    assert calls  # the op ran through this primitive
     ref, ref_grads = run(torch.float64, subject_ref)
     plain, plain_grads = run(torch.float32, subject_ref, upcast=False)
     assert not got[0][1].any() and not got[2][1].any()

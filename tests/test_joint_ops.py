@@ -18,13 +18,14 @@ import torch
 
 import semfid
 from semfid._inputs import SubjectInputs
-from semfid.backends import get_backend, torch as torch_backend
+from semfid.backends import gemm_attention, get_backend, torch as torch_backend
 from semfid.testing import assert_close_rule, attention_ref, subject_ref, ulp_atol
 from conftest import backends_under_test
 
 # "torch-blocked": the torch backend's online softmax in PyTorch (what CUDA tensors run), forced
-# on CPU tensors; "torch" on CPU runs float32 through semfid.backends.gemm_attention and other
-# dtypes through PyTorch's fused CPU flash kernels; "torch-fused": those kernels for float32 too.
+# on CPU tensors; "torch" on CPU runs float32 through semfid.backends.gemm_attention (at every
+# head dim here) and other dtypes through PyTorch's fused CPU flash kernels; "torch-fused": those
+# kernels for float32 too.
 PATHS = backends_under_test() + ["torch-blocked", "torch-fused"]
 GRAD_FACTOR = 3.0
 
@@ -80,6 +81,8 @@ def _run_path(path: str, monkeypatch) -> str:
     if path == "torch-fused":
         monkeypatch.setattr(torch_backend, "USE_GEMM_CPU", False)
         return "torch"
+    if path == "torch":  # the small test heads too: float32 through gemm_attention
+        monkeypatch.setattr(gemm_attention, "MIN_HEAD_DIM", 0)
     return path
 
 
@@ -251,8 +254,9 @@ def _layer(B: int, N: int, H: int, D: int, dtype=torch.float32):
     return [torch.randn(B, N, H, D, dtype=dtype).transpose(1, 2) for _ in range(3)]
 
 
-@pytest.mark.parametrize("path", ["torch", "sdpa"])
-def test_opcheck_joint_ops(path):
+@pytest.mark.parametrize("path", ["torch", "torch-fused", "sdpa"])
+def test_opcheck_joint_ops(path, monkeypatch):
+    path = _run_path(path, monkeypatch)
     q, k, v = _layer(1, 11, 2, 8)
     k_ref = torch.randn(1, 2, 3, 8)
     tokens = torch.tensor([[8, 9]])
@@ -269,8 +273,9 @@ def test_opcheck_joint_ops(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["torch", "sdpa"])
-def test_compile_fullgraph_joint(path):
+@pytest.mark.parametrize("path", ["torch", "torch-fused", "sdpa"])
+def test_compile_fullgraph_joint(path, monkeypatch):
+    path = _run_path(path, monkeypatch)
     torch._dynamo.reset()
     q, k, v = _layer(1, 13, 2, 8)
     k_ref = torch.randn(1, 2, 4, 8)

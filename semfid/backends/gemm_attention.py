@@ -35,6 +35,10 @@ Grads = Tuple[Tensor, Tensor, Tensor]
 
 #: Elements of one logit block (float32: 4 MiB); rows per block a multiple of 16, at least 16.
 BLOCK_ELEMENTS = 1 << 20
+#: Smallest head dim taken. Fused kernel / this, forward + backward, 2-core AMD EPYC VM: head dim
+#: 16 (B·H = 4, 768 tokens) 0.65, 32 (B·H = 4 and 8) 0.87-0.91, 64 (24 heads, 512-1100 tokens)
+#: 1.27-1.33, 72 (16 heads) 1.43, 128 (24 heads) 1.39: thin products do not pay for the copies.
+MIN_HEAD_DIM = 48
 ENV_VAR = "SEMFID_ONEDNN"
 
 _onednn_reason: Optional[str] = None
@@ -86,11 +90,12 @@ def linear_nt(x: Tensor, w: Tensor) -> Tensor:
 
 
 def applies(q: Tensor) -> bool:
-    """Whether :class:`GemmCpu` takes these tensors: float32 on CPU, in eager mode, with the C++
-    core's row kernels loaded."""
+    """Whether :class:`GemmCpu` takes these tensors: float32 on CPU, head dim at least
+    ``MIN_HEAD_DIM``, in eager mode, with the C++ core's row kernels loaded."""
     core = _cpu_core.module()
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and core is not None
-            and hasattr(core, "softmax_rows_") and not torch.compiler.is_compiling())
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] >= MIN_HEAD_DIM
+            and core is not None and hasattr(core, "softmax_rows_")
+            and not torch.compiler.is_compiling())
 
 
 def _empty_keys(q: Tensor, width: int) -> Tuple[Tensor, Tensor]:
