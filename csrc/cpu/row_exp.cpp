@@ -1,12 +1,13 @@
 // Row kernels of the GEMM-built CPU attention (see row_exp.h).
 //
-// exp is written out (Cephes-style: x = n·ln2 + r, a degree-6 polynomial in r, 2^n from the
-// exponent bits) so that the compiler vectorises the loops; each loop is compiled for AVX-512,
-// AVX2 and plain x86-64 and picked at load time (target_clones) where the compiler supports it.
-// Relative error about 1 ulp; results below e^-87.3 are flushed to 0 (PyTorch's exp keeps
+// Every exp argument is at most 0 (logits minus their row max or their lse), so the loops use
+// vector_exp.h's exp, which the compiler vectorises; each loop is compiled for AVX-512, AVX2 and
+// plain x86-64 and picked at load time (target_clones) where the compiler supports it (the small
+// loops of subject_small.cpp clone AVX2 only). Results below e^-88 are 0 (PyTorch's exp keeps
 // subnormals down to e^-103): a probability that small is invisible next to the row's largest.
 
 #include "row_exp.h"
+#include "vector_exp.h"
 
 #include <ATen/Parallel.h>
 
@@ -25,27 +26,6 @@ namespace semfid_cpu {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline float fast_exp(float x) {
-  constexpr float hi = 88.3762626647949f, lo = -87.33654475f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);
-  const float n = std::nearbyint(xc * 1.44269504088896341f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  float y = p * two_n;
-  y = x < lo ? 0.0f : y;
-  y = x > hi ? kInf : y;
-  return x != x ? x : y;  // NaN stays NaN
-}
 
 SEMFID_CLONES
 void softmax_block(float* s, const float* bias, float* lse, float* inv, int64_t rows, int64_t cols) {
@@ -70,7 +50,7 @@ void softmax_block(float* s, const float* bias, float* lse, float* inv, int64_t 
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) {
-      const float e = fast_exp(row[c] - m);
+      const float e = exp_nonpositive_one(row[c] - m);
       row[c] = e;
       sum += e;
     }
@@ -85,7 +65,7 @@ void exp_block(float* s, const float* row_bias, const float* col_sub, int64_t ro
     float* row = s + r * cols;
     const float b = row_bias != nullptr ? row_bias[r] : 0.0f;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] = fast_exp(row[c] + b - col_sub[c]);
+    for (int64_t c = 0; c < cols; ++c) row[c] = exp_nonpositive_one(row[c] + b - col_sub[c]);
   }
 }
 

@@ -20,7 +20,8 @@ namespace semfid_cpu {
 std::vector<at::Tensor> softmax_rows_(at::Tensor s, const std::optional<at::Tensor>& bias);
 
 // s [C, N] <- exp(s + row_bias[c] - col_sub[n]): P^T from the transposed logits and lse
-// (row_bias [C] or none; col_sub = +inf gives 0).
+// (row_bias [C] or none; col_sub = +inf gives 0). col_sub must be at least every logit of its
+// column, as lse is: the exp (vector_exp.h) is exact to float32 only for arguments <= 0.
 void exp_rows_cols_(at::Tensor s, const std::optional<at::Tensor>& row_bias, const at::Tensor& col_sub);
 
 // dp [C, N] <- p * (dp - col_delta[n]): dS^T from P^T, dP^T and the softmax backward's row term.

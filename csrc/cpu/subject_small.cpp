@@ -21,6 +21,7 @@
 // partial sums by hand, so their order differs from the chunk loop's by rounding only).
 
 #include "subject_small.h"
+#include "vector_exp.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -234,30 +235,10 @@ SEMFID_VECTOR_LOOP A lane_max(const A* __restrict__ x, int64_t L) {
   return top;
 }
 
-// x[j] = e^x[j] for x[j] <= 0, in place (a vectorisable std::exp). float: e^x = 2^n·p(r) with
-// n = round(x·log2 e), r = x − n·ln 2 (ln 2 split in two parts for an exact product) and
-// p(r) = 1 + r + r²·P5(r), P5 the degree-5 polynomial of Cephes' expf: relative error under
-// 1e-7 on [-88, 0] (measured), about float32's half ulp. x is clamped at -88, where n = -127 makes
-// the bit pattern of 2^n, and so the result, exactly 0: masked keys (-inf, -10000) get P = 0.
-// double: std::exp.
+// x[j] = e^x[j] for x[j] <= 0, in place (a vectorisable std::exp: vector_exp.h). double: std::exp.
 SEMFID_VECTOR_LOOP void exp_nonpositive(float* __restrict__ x, int64_t L) {
   for (int64_t j = 0; j < L; ++j) {
-    const float v = std::max(x[j], -88.0f);
-    // round(v·log2 e) for v <= 0: truncation (toward zero) of a value shifted down by 1/2
-    const int32_t n = static_cast<int32_t>(v * 1.44269504088896341f - 0.5f);
-    const float nf = static_cast<float>(n);
-    const float r = (v - nf * 0.693359375f) + nf * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (n + 127) << 23;
-    float two_n;
-    std::memcpy(&two_n, &bits, sizeof(two_n));
-    x[j] = p * two_n;
+    x[j] = exp_nonpositive_one(x[j]);
   }
 }
 
