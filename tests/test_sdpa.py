@@ -399,6 +399,19 @@ def test_cuda_backward_call_matches_the_op_schema():
         assert (dq.shape, dk.shape, dvv.shape) == (q.shape, k.shape, vv.shape)
 
 
+def test_cuda_backward_hands_out_in_the_kernels_memory_layout():
+    """PyTorch's memory-efficient backward reads ``out`` at a row stride of H * width whatever its
+    strides (an H200 gave garbage gradients for [B, H, N, W]-contiguous out): out goes in [B, N, H, W]
+    memory, padded with zero columns, whatever the layout it comes in."""
+    from semfid.backends import sdpa_backward as sb
+
+    B, H, N, W = 2, 3, 5, 7
+    for out in (torch.randn(B, H, N, W), torch.randn(B, N, H, W).transpose(1, 2)):
+        got = sb._bnhw(out, 8)
+        assert got.shape == (B, H, N, 8) and got.transpose(1, 2).is_contiguous()
+        assert torch.equal(got[..., :W], out) and not got[..., W:].any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)

@@ -72,6 +72,17 @@ def cpu_backward_delta(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], 
     return cpu_backward(q, k, v, bias, scale, out_mod, lse, d)
 
 
+def _bnhw(t: Tensor, width: int) -> Tensor:
+    """t [B, H, N, w] with zero columns appended to ``width``, in [B, N, H, width] memory: the
+    memory-efficient backward reads ``out`` at a row stride of H * width whatever its strides (the
+    layout its forward writes), so an [B, H, N, W]-contiguous out gave garbage (seen on an H200)."""
+    B, H, N, w = t.shape
+    padded = t.new_empty(B, N, H, width).transpose(1, 2)
+    padded[..., :w].copy_(t)
+    padded[..., w:].zero_()
+    return padded
+
+
 def cuda_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
                   out: Tensor, lse: Tensor, dout: Tensor) -> Grads:
     """PyTorch's memory-efficient CUDA backward from the saved out and lse (unverified: gated by
@@ -86,7 +97,7 @@ def cuda_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scal
     no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed / offset: unused
     dq, dk, dvv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         _pad_last(dout.to(dt), wv).contiguous(), _pad_last(q, wq), _pad_last(k, wq),
-        _pad_last(vv.to(dt), wv), _efficient_bias(mask, N), _pad_last(out.to(dt), wv).contiguous(),
+        _pad_last(vv.to(dt), wv), _efficient_bias(mask, N), _bnhw(out.to(dt), wv),
         lse_p, no_dropout, no_dropout, 0.0, [True, True, True, False], False, scale=scale)
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dvv[..., :width]
 
