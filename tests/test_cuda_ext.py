@@ -138,6 +138,27 @@ def test_subject_inputs_are_explained_without_the_extension():
     assert f"num_selected={S} > {cuda_limits.MAX_SELECTED}" in reasons
 
 
+def test_bias_is_shifted_to_a_zero_row_max_before_the_kernels():
+    """The adapter hands the kernels bias minus its largest finite entry per (batch, head) row: the
+    same softmax, and a row padded with -10000 on every key becomes exact zeros (the kernels round a
+    logit at its bias' magnitude: the H200 self-test's fully masked one-key rows had dk off by 0.15)."""
+    from semfid.backends.cuda import _max_shifted
+
+    assert _max_shifted(None) is None
+    bias = torch.tensor([[[-10000.0, -10000.0, -10000.0], [0.0, -10000.0, float("-inf")],
+                          [float("-inf")] * 3, [-3.0, -5.0, float("-inf")]]])  # [B=1, H=4, M=3]
+    shifted = _max_shifted(bias)
+    assert torch.equal(shifted[0, 0], torch.zeros(3))
+    assert torch.equal(shifted[0, 1], bias[0, 1]) and torch.equal(shifted[0, 2], bias[0, 2])
+    assert torch.equal(shifted[0, 3], torch.tensor([0.0, -2.0, float("-inf")]))
+    logits = torch.randn(1, 4, 5, 3)
+    want = torch.softmax(logits.double() + bias.double()[:, :, None], dim=-1).nan_to_num()
+    got = torch.softmax(logits + shifted[:, :, None], dim=-1).nan_to_num()
+    assert float((got.double() - want).abs().max()) < 1e-6  # unshifted, float32 is ~1e-4 off on row 0
+    expanded = torch.full((2, 1, 4), -10000.0).expand(2, 5, 4)  # diffusers' [B, 1, M] padding, seen per head
+    assert torch.equal(_max_shifted(expanded), torch.zeros(2, 5, 4))
+
+
 @needs_extension
 def test_extension_registers_its_ops():
     for name in ("xattn_fwd", "xattn_bwd", "subject_fwd", "subject_bwd", "smem_bytes"):

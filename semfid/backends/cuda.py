@@ -45,6 +45,22 @@ def _smem_needed(subject: bool, head_dim: int, num_keys: int, num_selected: int,
                for k in kernels)
 
 
+def _max_shifted(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bias [B, H, M] minus its largest finite entry per (batch, head) row (the softmax is the same).
+
+    The kernels work in log2 units and keep the lse in natural units, so a logit is rounded at the
+    magnitude of its bias: with diffusers' -10000 padding on every key of a row, probabilities came
+    out 1 +- 1e-3 instead of exactly 1 (the H200 self-test's fully masked single-key cases, dk off
+    by up to 0.15 in bf16). After the shift the largest bias of each row is 0; keys far below it
+    have probability ~0, so their rounding does not matter. Rows with no finite bias stay as they are.
+    The kernels take full reference segments only (JOINT_RANGES is False), so bias and ref_bias
+    each shift on their own."""
+    if bias is None:
+        return None
+    top = bias.amax(dim=-1, keepdim=True)
+    return bias - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 @register_backend
 class CudaBackend(BackendBase):
     NAME = "cuda"
@@ -102,23 +118,23 @@ class CudaBackend(BackendBase):
 
     @staticmethod
     def forward(inp: XattnInputs) -> ForwardResult:
-        return torch.ops.semfid_C.xattn_fwd(inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale),
+        return torch.ops.semfid_C.xattn_fwd(inp.q, inp.k, inp.v, _max_shifted(inp.bias), inp.select, float(inp.scale),
                                             bool(inp.mean_heads))
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
-        return torch.ops.semfid_C.xattn_bwd(inp.q, inp.k, inp.v, inp.bias, inp.select, float(inp.scale),
+        return torch.ops.semfid_C.xattn_bwd(inp.q, inp.k, inp.v, _max_shifted(inp.bias), inp.select, float(inp.scale),
                                             bool(inp.mean_heads), out, lse, dout, dmaps)
 
     @staticmethod
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
         return torch.ops.semfid_C.subject_fwd(
-            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
+            inp.q, inp.k, inp.v, inp.k_ref, _max_shifted(inp.bias), _max_shifted(inp.ref_bias), inp.tokens, inp.ref_tokens, inp.weights,
             float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), bool(inp.return_maps))
 
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps) -> SubjectBackwardResult:
         return torch.ops.semfid_C.subject_bwd(
-            inp.q, inp.k, inp.v, inp.k_ref, inp.bias, inp.ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
+            inp.q, inp.k, inp.v, inp.k_ref, _max_shifted(inp.bias), _max_shifted(inp.ref_bias), inp.tokens, inp.ref_tokens, inp.weights,
             float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), out, lse, lse_ref, diff, dout,
             dloss, dmaps)
