@@ -115,7 +115,12 @@ def test_subject_kernels_sd_shapes(shape, head_reduce):
     tokens = [i % 77 for i in range(76)] + [5]
     kwargs = dict(tokens=tokens, ref_tokens=tokens[::-1], attn_bias=bias, head_reduce=head_reduce,
                   detach_reference=False, return_maps=True)
-    got = semfid.subject_attention(q, k, v, k_ref, backend="triton", **kwargs)
+    backend = "triton"
+    if head_reduce == "none":  # the per-head backward spills on sm_80/sm_90: declined by name, auto falls back
+        with pytest.raises(ValueError, match="spills registers"):
+            semfid.subject_attention(q, k, v, k_ref, backend="triton", **kwargs)
+        backend = "auto"
+    got = semfid.subject_attention(q, k, v, k_ref, backend=backend, **kwargs)
     ref = subject_ref(q, k, v, k_ref, **kwargs)
     plain = subject_ref(q, k, v, k_ref, upcast=False, **kwargs)
     _check(("out", "loss", "maps"), got, ref, plain, dtype)
