@@ -5,8 +5,8 @@ The H200 run of 2026-12-04 hit "an illegal memory access" in the key-blocked ker
 case (op x layer x dtype, forward and forward + backward apart) in a fresh process, so one fault
 does not poison the next, syncing after each pass; a failing case is run again under
 ``compute-sanitizer --tool memcheck`` (where installed), whose first report names the kernel and
-the address. ``--tiles`` overrides the key-blocked launch tiles (BLOCK_M, BLOCK_N, num_warps) to
-test a fix. Needs a CUDA GPU.
+the address. ``--tiles`` overrides the key-blocked forward's launch tiles (BLOCK_M, BLOCK_N, num_warps)
+to test a fix. Needs a CUDA GPU.
 
     python benchmarks/triton_joint_probe.py                   # every case, sanitizer on failures
     python benchmarks/triton_joint_probe.py --case sd3-subject-float16-fwd   # one case, in-process
@@ -54,8 +54,11 @@ def _override_tiles(spec: str) -> None:
     import semfid.kernels._joint as joint
 
     block_m, block_n, warps = (int(x) for x in spec.split(","))
+    original = joint.tiles
 
-    def tiles(*args, **kwargs):
+    def tiles(dtype, head_dim, num_selected, backward, *args, **kwargs):
+        if backward:  # the forward launches only
+            return original(dtype, head_dim, num_selected, backward, *args, **kwargs)
         return block_m, block_n, warps
 
     joint.tiles = tiles
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", help="run one case in this process: " + ", ".join(case_names()[:2]) + ", ...")
     p.add_argument("--only", nargs="*", default=None, help="substrings: run the matching cases only")
-    p.add_argument("--tiles", default=None, help="BLOCK_M,BLOCK_N,num_warps for every key-blocked launch")
+    p.add_argument("--tiles", default=None, help="BLOCK_M,BLOCK_N,num_warps for the key-blocked forward launches")
     p.add_argument("--no-sanitizer", action="store_true")
     p.add_argument("--timeout", type=int, default=60)
     args = p.parse_args(argv)

@@ -250,9 +250,11 @@ def _check_against_reference(q, k, v, bias, select, head_reduce, grad_factor=3.0
     (o64, m64, g64), (op, mp, gp) = results["ref"], results["plain"]
     assert_close_rule("out", out, o64, op, atol=ulp_atol(q.dtype))
     assert_close_rule("maps", maps, m64, mp, atol=ulp_atol(torch.float32))
+    # atol as the self-test's battery: fp32 ulps at the largest gradient (>= 1). A gradient that is
+    # exactly 0 (dq with one key) is still a sum of rounded terms: the H200 gave 5e-7 there.
+    scale = max([float(g.abs().max()) for g in g64 if g.numel()] + [1.0])
     for name, got, ref, plain in zip(("dq", "dk", "dv"), grads, g64, gp):
-        scale = float(ref.abs().max()) if ref.numel() else 1.0
-        assert_close_rule(name, got, ref, plain, factor=grad_factor, atol=ulp_atol(q.dtype, scale))
+        assert_close_rule(name, got, ref, plain, factor=grad_factor, atol=16 * torch.finfo(torch.float32).eps * scale)
     return out, maps, grads
 
 
