@@ -103,7 +103,9 @@ def _child(name: str, tiles: Optional[str], sanitizer: bool, timeout: int) -> Tu
         return False, f"timed out after {timeout} s"
     text = (res.stdout + res.stderr).strip().splitlines()
     keep = [line for line in text if "Warning" not in line and "warn(" not in line]
-    return res.returncode == 0 and any(line.startswith("ok") for line in keep), "\n    ".join(keep[-14:])
+    ok = res.returncode == 0 and any(line.startswith("ok") for line in keep)
+    report = [line for line in keep if line.startswith("=========")][:24]  # the sanitizer's own lines
+    return ok, "\n    ".join(report + keep[-(14 if not report else 6):])
 
 
 def main(argv=None) -> int:

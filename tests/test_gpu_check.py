@@ -13,10 +13,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ["env", "selftest", "selftest_sdpa", "pytest_gpu", "triton_joint", "library_cuda", "cuda_build", "selftest_cuda",
+GPU_FILE_STEPS = ["pytest_gpu_sdpa", "pytest_gpu_triton_gpu", "pytest_gpu_triton_joint_gpu"]  # one per file
+STEPS = ["env", "selftest", "selftest_sdpa", *GPU_FILE_STEPS, "triton_joint_probe", "triton_joint", "library_cuda", "cuda_build", "selftest_cuda",
          "cuda_tests", "sanitizer_driver",
          "memcheck", "racecheck", "attn_speed", "train_step"]
-NEEDS_CUDA = ["selftest", "selftest_sdpa", "selftest_cuda", "pytest_gpu", "triton_joint", "library_cuda", "cuda_build", "memcheck", "racecheck", "train_step"]
+NEEDS_CUDA = ["selftest", "selftest_sdpa", "selftest_cuda", *GPU_FILE_STEPS, "triton_joint_probe", "triton_joint", "library_cuda", "cuda_build", "memcheck", "racecheck", "train_step"]
 
 
 @pytest.fixture(scope="module")
