@@ -1,8 +1,9 @@
 """Adapter to the hand-written CUDA kernels of the extension ``semfid._C`` (``csrc/``).
 
-The kernels compile and link on machines without a GPU, but have never run on one here, so
-``backend="auto"`` takes them only on a GPU where :mod:`semfid.selftest` passed (``AUTO_DEVICES``
-stays empty, ``SELF_VALIDATED`` is set); elsewhere use ``backend="cuda"`` or ``SEMFID_BACKEND=cuda``.
+The kernels compile and link on machines without a GPU; their self-test has passed on one H200
+(2026-12-04) and they have not been timed, so ``backend="auto"`` takes them only on a GPU where
+:mod:`semfid.selftest` passed (``AUTO_DEVICES`` stays empty, ``SELF_VALIDATED`` is set); elsewhere
+use ``backend="cuda"`` or ``SEMFID_BACKEND=cuda``.
 
 What the kernels take (the table :mod:`semfid.backends.cuda_limits`, which ``csrc/`` is generated
 from): CUDA tensors in float16 / bfloat16, at most ``MAX_KEYS`` keys per head (staged in shared
@@ -82,7 +83,7 @@ class CudaBackend(BackendBase):
         reason = _cpp_lib.unavailable_reason()
         if reason is not None:
             return ("not built: " if _cpp_lib.is_missing() else "built but not loadable: ") + reason
-        return ("compiled, not yet validated on a GPU by its authors: auto takes it on a GPU where "
+        return ("compiled; self-test passed on one H200 by its authors, not yet timed: auto takes it on a GPU where "
                 "`python -m semfid.selftest --backend cuda` passed; else opt-in (backend='cuda')")
 
     @classmethod
