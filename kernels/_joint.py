@@ -167,8 +167,8 @@ def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
     column accumulators with a reference) take 32-row tiles, and a backward with > 32 columns
 32-key blocks (its one-hot scatter matrices are [BLOCK_S, BLOCK_N]) and, with the reference's
 gradient, 16-row tiles (32 spilled 8 B at head dim 72 on sm_80). 8 warps for every backward
-(4 spilled 8 B at head dim 64 on sm_90), for > 32 columns and for head dims > 64 with a
-reference (4 spilled 24-96 B on sm_80 at head dim 64, S = 77). fp32 (exact-fp32 dots on FMA units,
+(4 spilled 8 B at head dim 64 on sm_90), for > 32 columns and for every forward with a reference
+(4 spilled 24-96 B on sm_80 at head dim 64, S = 77; and faulted on an H200 at head dim 64). fp32 (exact-fp32 dots on FMA units,
     operands in registers) 32 x 32. ``python -m semfid.info --compile-check`` compiles each."""
     if interpreting():
         return INTERPRETER_TILES
@@ -179,7 +179,9 @@ reference (4 spilled 24-96 B on sm_80 at head dim 64, S = 77). fp32 (exact-fp32 
     if backward or wide:
         block_m = 16 if (backward and wide and ref) else 32
     block_n = 32 if (backward and wide) else 64
-    warps = 8 if (backward or wide or (head_dim > 64 and ref)) else 4
+    # 8 warps for every forward with the reference: 64 x 64 on 4 warps (SD3's head dim 64) hit an
+    # illegal memory access on an H200 (Triton 3.6, 2026-12-04), where 8 warps and 32-row tiles ran.
+    warps = 8 if (backward or wide or ref) else 4
     if not backward and ref and head_dim % 16:
         block_m = 32  # head dim 72 (2-byte loads): 64 rows spilled 16 B on sm_90
     if dq_pass and head_dim > 64:
