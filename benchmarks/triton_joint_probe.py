@@ -23,31 +23,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# name: (H, D, text, image, text_first); text_first None = cross-attention over the text keys only
-LAYERS = {"flux": (24, 128, 512, 4096, True), "sd3": (24, 64, 333, 4096, False), "pixart": (16, 72, 300, 4096, None)}
+from semfid.testing.dit_layers import DIT_LAYERS, dit_layer
+
 OPS = ("maps", "subject")
 DTYPES = ("float16", "bfloat16")
 PASSES = ("fwd", "bwd")
 
 
 def case_names() -> List[str]:
-    return [f"{layer}-{op}-{dt}-{ps}" for layer in LAYERS for op in OPS for dt in DTYPES for ps in PASSES]
-
-
-def _layer(name: str, dtype: torch.dtype):
-    H, D, text, image, text_first = LAYERS[name]
-    joint = text_first is not None
-    N, M = (text + image, text + image) if joint else (image, text)
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(n):  # diffusers' layout: [B, n, H, D] memory seen as [B, H, n, D]
-        return torch.randn(1, n, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2).requires_grad_()
-
-    t0 = 0 if (not joint or text_first) else image
-    rows = ((text, text + image) if text_first else (0, image)) if joint else None
-    seg = (t0, t0 + text) if joint else None
-    tokens = torch.tensor([[t0 + 3, t0 + 7, t0 + 11, t0 + 12]], device="cuda")
-    return rand(N), rand(M), rand(M), rand(text + 9), tokens, rows, seg
+    return [f"{layer}-{op}-{dt}-{ps}" for layer in DIT_LAYERS for op in OPS for dt in DTYPES for ps in PASSES]
 
 
 def _override_tiles(spec: str) -> None:
@@ -76,7 +60,7 @@ def run_case(name: str, tiles: Optional[str]) -> str:
     if tiles:
         _override_tiles(tiles)
     layer, op, dt, ps = name.split("-")
-    q, k, v, k_ref, tokens, rows, seg = _layer(layer, getattr(torch, dt))
+    q, k, v, k_ref, tokens, rows, seg = dit_layer(layer, getattr(torch, dt))
     if op == "maps":
         outs = semfid.cross_attention(q, k, v, select=tokens, map_queries=rows, backend="triton")
     else:

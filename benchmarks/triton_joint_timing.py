@@ -25,23 +25,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-# (name, heads, head dim, text, image, text_first: None = cross-attention over the text only)
-LAYERS = [("flux_1024", 24, 128, 512, 4096, True), ("sd3_1024", 24, 64, 333, 4096, False),
-          ("pixart_1024", 16, 72, 300, 4096, None)]
-
-
-def _layer(H, D, text, image, text_first, dtype):
-    joint = text_first is not None
-    N, M = (text + image, text + image) if joint else (image, text)
-
-    def rand(n):
-        return torch.randn(1, n, H, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
-
-    t0 = 0 if (not joint or text_first) else image
-    rows = ((text, text + image) if text_first else (0, image)) if joint else None
-    seg = (t0, t0 + text) if joint else None
-    tokens = torch.tensor([t0 + 1, t0 + 2, t0 + 5, t0 + 9], device="cuda")
-    return rand(N), rand(M), rand(M), rand(text), tokens, rows, seg
+from semfid.testing.dit_layers import DIT_LAYERS, dit_layer
 
 
 def _median_ms(fn: Callable[[], None], reps: int) -> float:
@@ -80,8 +64,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     rows_out: List[Dict[str, object]] = []
     print(f"{'layer':<12} {'impl':<15} {'fwd+bwd ms':>10}   ({torch.cuda.get_device_name()}, {args.dtype})")
-    for name, H, D, text, image, text_first in LAYERS:
-        q, k, v, k_ref, tokens, rows, seg = _layer(H, D, text, image, text_first, dtype)
+    for layer in DIT_LAYERS:
+        name = f"{layer}_1024"
+        q, k, v, k_ref, tokens, rows, seg = dit_layer(layer, dtype)
         impls = {
             "sdpa_plain": lambda: (F.scaled_dot_product_attention(q, k, v),),
             "maps_triton": lambda: semfid.cross_attention(q, k, v, select=tokens, map_queries=rows,

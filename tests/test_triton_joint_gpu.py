@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from semfid.testing import assert_close_rule, attention_ref, subject_ref, ulp_atol
+from semfid.testing.dit_layers import DIT_LAYERS, dit_layer
 
 import semfid
 
@@ -26,30 +27,13 @@ pytestmark = [
                        reason="TRITON_INTERPRET=1 replaces the GPU compiler"),
 ]
 
-# (name, H, D, text, image, text_first)
-LAYERS = [("flux", 24, 128, 512, 4096, True), ("sd3", 24, 64, 333, 4096, False), ("pixart", 16, 72, 300, 4096, None)]
+LAYERS = list(DIT_LAYERS)  # flux, sd3, pixart (semfid.testing.dit_layers)
 
 
-def _layer(H, D, text, image, text_first, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    joint = text_first is not None
-    N, M = (text + image, text + image) if joint else (image, text)
-
-    def rand(n):  # diffusers layout: [B, n, H, D] memory seen as [B, H, n, D]
-        return torch.randn(1, n, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2).requires_grad_()
-
-    t0 = 0 if (not joint or text_first) else image
-    rows = ((text, text + image) if text_first else (0, image)) if joint else None
-    seg = (t0, t0 + text) if joint else None
-    tokens = torch.tensor([[t0 + 3, t0 + 7, t0 + 11, t0 + 12]], device="cuda")
-    return rand(N), rand(M), rand(M), rand(text + 9), tokens, rows, seg
-
-
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda x: x[0])
+@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
 def test_joint_subject_layer_matches_reference(layer, dtype):
-    _, H, D, text, image, text_first = layer
-    q, k, v, k_ref, tokens, rows, seg = _layer(H, D, text, image, text_first, dtype)
+    q, k, v, k_ref, tokens, rows, seg = dit_layer(layer, dtype)
     kw = dict(tokens=tokens, ref_tokens=tokens, head_reduce="mean", detach_reference=False, return_maps=True,
               map_queries=rows, ref_segment=seg)
     got = semfid.subject_attention(q, k, v, k_ref, backend="triton", **kw)
@@ -72,7 +56,7 @@ def test_joint_subject_layer_matches_reference(layer, dtype):
 
 
 def test_joint_cross_attention_and_determinism():
-    q, k, v, _, tokens, rows, _ = _layer(24, 128, 512, 4096, True, torch.bfloat16, seed=1)
+    q, k, v, _, tokens, rows, _ = dit_layer("flux", torch.bfloat16, seed=1)
     kw = dict(select=tokens, head_reduce="none", map_queries=rows)
     out, maps = semfid.cross_attention(q, k, v, backend="triton", **kw)
     ref, plain = attention_ref(q, k, v, **kw), attention_ref(q, k, v, upcast=False, **kw)

@@ -9,6 +9,8 @@ generate (the one exception: :mod:`semfid.sefi.tiny` builds its tiny pipelines f
 * :mod:`.unets` — the SD1.5 / SDXL base UNet configs and their structural twins (same layer names,
   tiny widths) in ``configs/``, and a loader that builds random-weight UNets from them.
 * :mod:`.dits` — the same for the SD3 / SD3.5, Flux.1 dev and PixArt-Σ transformers.
+* :mod:`.dit_layers` — random inputs of one Flux / SD3 / PixArt-Σ attention layer at 1024 px, as
+  diffusers passes them (the GPU tests and timings of the key-blocked kernels).
 """
 
 from .memory import SavedBytes, saved_tensor_bytes
