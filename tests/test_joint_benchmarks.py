@@ -124,3 +124,22 @@ def test_sdpa_rows_model_the_kernel_calls_that_run():
         assert fwd.by_kernel[kernel] == attn_dit_tables.sdpa_forward(N, N, D, H, 2)["bytes"]
         want = attn_dit_tables.sdpa_backward(N, N, H, 2, width, width)["bytes"]
         assert bwd.by_kernel[kernel + "_backward"] == want, backend
+
+
+def test_gpu_layer_inputs_are_the_1024px_layouts():
+    """semfid.testing.dit_layers (the GPU tests', probe's and timing's inputs): diffusers' transposed
+    views, the four tokens inside the text segment k_ref replaces, maps over the image queries."""
+    from semfid.testing.dit_layers import DIT_LAYERS, dit_layer
+
+    for name, (H, D, text, image, text_first) in DIT_LAYERS.items():
+        layer = dit_layer(name, torch.float32, device="cpu")
+        joint = text_first is not None
+        N, M = (text + image, text + image) if joint else (image, text)
+        assert layer.q.shape == (1, H, N, D) and layer.k.shape == layer.v.shape == (1, H, M, D), name
+        assert layer.k_ref.shape == (1, H, text + 9, D) and layer.q.stride()[1:3] == (D, H * D), name
+        if not joint:
+            assert layer.rows is None and layer.segment is None and int(layer.tokens.max()) < text
+            continue
+        start, stop = layer.segment
+        assert stop - start == text and layer.rows == ((stop, N) if text_first else (0, start)), name
+        assert all(start <= t < stop for t in layer.tokens[0].tolist()), name
