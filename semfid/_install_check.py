@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 from urllib.parse import unquote, urlparse
 
 _FIX = "run from another folder, or install this copy with `pip install -e {root}`"
@@ -35,6 +35,17 @@ def _installed_package_dir(dist: metadata.Distribution) -> Optional[Path]:
     return None
 
 
+def _missing_parts(package_dir: Path) -> List[str]:
+    """What an uninstalled source folder lacks: ``semfid/kernels`` (the install maps ``kernels/`` there;
+    a checkout may hold a link) and the built C++ CPU core."""
+    missing = []
+    if not (package_dir / "kernels" / "__init__.py").exists():
+        missing.append("the Triton kernels (semfid.kernels)")
+    if not any(package_dir.glob("_cpu_ops*")):
+        missing.append("the C++ CPU core")
+    return missing
+
+
 def install_problem(package_file: str) -> Optional[str]:
     """A sentence saying why the package at ``package_file`` (its ``__init__.py``) is not the installed
     semfid, or None when it is."""
@@ -42,8 +53,11 @@ def install_problem(package_file: str) -> Optional[str]:
     try:
         dist = metadata.distribution("semfid")
     except metadata.PackageNotFoundError:
-        return (f"semfid is imported from {here}, which is not installed (no package metadata): the Triton "
-                f"kernels (semfid.kernels) and the C++ core are not available; " + _FIX.format(root=here.parent))
+        missing = _missing_parts(here)
+        what = f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available" if missing else \
+            "the kernels and compiled parts are found beside it, but nothing guarantees they match this source"
+        return (f"semfid is imported from {here}, which is not installed (no package metadata): {what}; "
+                + _FIX.format(root=here.parent))
     installed = _installed_package_dir(dist)
     if installed is not None and installed.resolve() != here:
         return (f"semfid is imported from {here}, which shadows the installed semfid at {installed} (the current "

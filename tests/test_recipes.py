@@ -316,6 +316,13 @@ def test_install_problem_without_metadata(monkeypatch, tmp_path):
     monkeypatch.setattr(_install_check.metadata, "distribution", missing)
     msg = _install_check.install_problem(str(tmp_path / "semfid" / "__init__.py"))
     assert "which is not installed (no package metadata)" in msg and f"pip install -e {tmp_path}" in msg
+    assert "the Triton kernels (semfid.kernels) and the C++ CPU core are not available" in msg
+    # a checkout with the kernels link and an in-place build (as gpu_check.sh runs it): not "missing"
+    (tmp_path / "semfid" / "kernels").mkdir(parents=True)
+    (tmp_path / "semfid" / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "semfid" / "_cpu_ops.so").write_bytes(b"")
+    msg = _install_check.install_problem(str(tmp_path / "semfid" / "__init__.py"))
+    assert "not available" not in msg and "found beside it" in msg and f"pip install -e {tmp_path}" in msg
     import semfid
 
     monkeypatch.undo()
