@@ -168,8 +168,9 @@ def tiles(dtype: torch.dtype, head_dim: int, num_selected: int, backward: bool,
 32-key blocks (its one-hot scatter matrices are [BLOCK_S, BLOCK_N]) and, with the reference's
 gradient, 16-row tiles (32 spilled 8 B at head dim 72 on sm_80). 8 warps for every backward
 (4 spilled 8 B at head dim 64 on sm_90), for > 32 columns and for every forward with a reference
-(4 spilled 24-96 B on sm_80 at head dim 64, S = 77; and faulted on an H200 at head dim 64). fp32 (exact-fp32 dots on FMA units,
-    operands in registers) 32 x 32. ``python -m semfid.info --compile-check`` compiles each."""
+(4 spilled 24-96 B on sm_80 at head dim 64, S = 77, and faulted on an H200 at head dim 64).
+    fp32 (exact-fp32 dots on FMA units, operands in registers) 32 x 32.
+    ``python -m semfid.info --compile-check`` compiles each."""
     if interpreting():
         return INTERPRETER_TILES
     if dtype == torch.float32:

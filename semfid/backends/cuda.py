@@ -83,8 +83,8 @@ class CudaBackend(BackendBase):
         reason = _cpp_lib.unavailable_reason()
         if reason is not None:
             return ("not built: " if _cpp_lib.is_missing() else "built but not loadable: ") + reason
-        return ("compiled; self-test passed on one H200 by its authors, not yet timed: auto takes it on a GPU where "
-                "`python -m semfid.selftest --backend cuda` passed; else opt-in (backend='cuda')")
+        return ("compiled; self-test passed on one H200 by its authors, not yet timed: auto takes it on a "
+                "GPU where `python -m semfid.selftest --backend cuda` passed; else opt-in (backend='cuda')")
 
     @classmethod
     def not_supported_reasons(cls, inp: Union[XattnInputs, SubjectInputs]) -> List[str]:
@@ -119,23 +119,27 @@ class CudaBackend(BackendBase):
 
     @staticmethod
     def forward(inp: XattnInputs) -> ForwardResult:
-        return torch.ops.semfid_C.xattn_fwd(inp.q, inp.k, inp.v, _max_shifted(inp.bias), inp.select, float(inp.scale),
+        bias = _max_shifted(inp.bias)
+        return torch.ops.semfid_C.xattn_fwd(inp.q, inp.k, inp.v, bias, inp.select, float(inp.scale),
                                             bool(inp.mean_heads))
 
     @staticmethod
     def backward(inp: XattnInputs, out, lse, dout, dmaps) -> BackwardResult:
-        return torch.ops.semfid_C.xattn_bwd(inp.q, inp.k, inp.v, _max_shifted(inp.bias), inp.select, float(inp.scale),
+        bias = _max_shifted(inp.bias)
+        return torch.ops.semfid_C.xattn_bwd(inp.q, inp.k, inp.v, bias, inp.select, float(inp.scale),
                                             bool(inp.mean_heads), out, lse, dout, dmaps)
 
     @staticmethod
     def subject_forward(inp: SubjectInputs) -> SubjectForwardResult:
+        bias, ref_bias = _max_shifted(inp.bias), _max_shifted(inp.ref_bias)
         return torch.ops.semfid_C.subject_fwd(
-            inp.q, inp.k, inp.v, inp.k_ref, _max_shifted(inp.bias), _max_shifted(inp.ref_bias), inp.tokens, inp.ref_tokens, inp.weights,
+            inp.q, inp.k, inp.v, inp.k_ref, bias, ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
             float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), bool(inp.return_maps))
 
     @staticmethod
     def subject_backward(inp: SubjectInputs, out, lse, lse_ref, diff, dout, dloss, dmaps) -> SubjectBackwardResult:
+        bias, ref_bias = _max_shifted(inp.bias), _max_shifted(inp.ref_bias)
         return torch.ops.semfid_C.subject_bwd(
-            inp.q, inp.k, inp.v, inp.k_ref, _max_shifted(inp.bias), _max_shifted(inp.ref_bias), inp.tokens, inp.ref_tokens, inp.weights,
+            inp.q, inp.k, inp.v, inp.k_ref, bias, ref_bias, inp.tokens, inp.ref_tokens, inp.weights,
             float(inp.scale), bool(inp.mean_heads), bool(inp.detach_reference), out, lse, lse_ref, diff, dout,
             dloss, dmaps)
