@@ -150,7 +150,7 @@ for f in $(grep -l "mark\.gpu" tests/test_*.py); do
 done
 
 # ---- 3a. every key-blocked Triton DiT launch in its own process; the first fault under memcheck --
-cuda_step triton_joint_probe 90 $PY benchmarks/triton_joint_probe.py --timeout 40 --only bfloat16-bwd
+cuda_step triton_joint_probe 120 $PY benchmarks/triton_joint_probe.py --timeout 40 --only bfloat16-bwd
 
 # ---- 3b. the key-blocked Triton kernels on DiT layers at 1024 px (joint key sets): fwd+bwd timings --
 # (their float64 checks ran in step 3: tests/test_triton_joint_gpu.py; the battery of step 2 too)
