@@ -410,6 +410,8 @@ def test_cuda_backward_hands_out_in_the_kernels_memory_layout():
         got = sb._bnhw(out, 8)
         assert got.shape == (B, H, N, 8) and got.transpose(1, 2).is_contiguous()
         assert torch.equal(got[..., :W], out) and not got[..., W:].any()
+    already = torch.randn(B, N, H, W).transpose(1, 2)  # the forward's own out: handed over as it is
+    assert sb._bnhw(already, W).data_ptr() == already.data_ptr()
 
 
 @pytest.mark.gpu

@@ -76,12 +76,9 @@ def cpu_backward_delta(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], 
 def _bnhw(t: Tensor, width: int) -> Tensor:
     """t [B, H, N, w] with zero columns appended to ``width``, in [B, N, H, width] memory: the
     memory-efficient backward reads ``out`` at a row stride of H * width whatever its strides (the
-    layout its forward writes), so an [B, H, N, W]-contiguous out gave garbage (seen on an H200)."""
-    B, H, N, w = t.shape
-    padded = t.new_empty(B, N, H, width).transpose(1, 2)
-    padded[..., :w].copy_(t)
-    padded[..., w:].zero_()
-    return padded
+    layout its forward writes), so an [B, H, N, W]-contiguous out gave garbage (seen on an H200).
+    No copy when ``t`` is the forward's own unpadded out, which has that memory already."""
+    return _pad_last(t.transpose(1, 2), width).contiguous().transpose(1, 2)
 
 
 def cuda_backward(q: Tensor, k: Tensor, vv: Tensor, bias: Optional[Tensor], scale: float,
